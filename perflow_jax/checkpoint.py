@@ -1,0 +1,263 @@
+"""Orbax checkpoints of a training run, in ``workdir/checkpoints``.
+
+Each checkpoint step holds four items:
+  state   the train state pytree (student params, optimizer state, step): opaque here, saved as is;
+  ema     the EMA params;
+  data    the grain iterator state, one JSON file per process (absent when the run has no iterator);
+  config  the run's config as JSON, so a checkpoint describes itself.
+
+Saves are async (the device->host copy happens before ``save_checkpoint`` returns, so donating the state to the
+next step is safe) and atomic (orbax writes to a temporary directory and renames it on commit), every
+``config.checkpoint_every`` steps, keeping the last ``config.keep_checkpoints``. Restore reads the newest step into
+abstract targets that carry shardings, so arrays land sharded; if the newest step is damaged it falls back to the
+one before with a warning.
+
+Typical use in a trainer::
+
+  manager = make_checkpoint_manager(workdir, config)
+  preempted = install_sigterm_handler()
+  restored = restore_checkpoint(manager, abstract_state, abstract_ema, data_iterator=it)
+  for step in range(first, config.total_steps + 1):
+    ...
+    save_checkpoint(manager, step, state, ema, config, it, force=preempted(step) or step == total)
+    if preempted(step): break
+  close(manager)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from grain import python as grain_python
+from jax.experimental import multihost_utils
+
+ITEMS = ("state", "ema", "data", "config")
+
+
+class Restored(NamedTuple):
+  """What ``restore_checkpoint`` returns: the step and the restored items (``config`` as a plain dict)."""
+  step: int
+  state: Any
+  ema: Any
+  config: dict[str, Any]
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+  """A ConfigDict (or mapping) as JSON-able nested dicts; tuples become lists, as in any JSON round trip."""
+  if hasattr(config, "to_json_best_effort"):
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+  return json.loads(json.dumps(dict(config), sort_keys=True, default=str))
+
+
+def checkpoint_dir(workdir: str | epath.PathLike) -> epath.Path:
+  """``workdir/checkpoints``."""
+  return epath.Path(workdir) / "checkpoints"
+
+
+def make_checkpoint_manager(workdir: str | epath.PathLike, config: Any,
+                            async_save: bool = True) -> ocp.CheckpointManager:
+  """The run's CheckpointManager in ``workdir/checkpoints``.
+
+  Args:
+    workdir: the run's directory.
+    config: reads ``checkpoint_every`` (save interval in steps) and ``keep_checkpoints`` (how many to keep).
+    async_save: write in a background thread after the blocking device->host copy.
+
+  Returns:
+    An ``orbax.checkpoint.CheckpointManager``; call ``close`` on it at the end.
+  """
+  every, keep = int(config.checkpoint_every), int(config.keep_checkpoints)
+  if every < 1:
+    raise ValueError(f"config.checkpoint_every={every} must be >= 1 (steps between checkpoints).")
+  if keep < 1:
+    raise ValueError(f"config.keep_checkpoints={keep} must be >= 1 (checkpoints kept on disk).")
+  # Orbax's default policy also saves the first step of a fresh run; a step-1 checkpoint only costs time here.
+  policy = ocp.checkpoint_managers.AnySavePolicy([
+      ocp.checkpoint_managers.FixedIntervalPolicy(every),
+      ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      save_decision_policy=policy,
+      max_to_keep=keep,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,  # A save cut short by a crash leaves a temporary directory; drop it.
+  )
+  handlers = {
+      "state": ocp.StandardCheckpointHandler(),
+      "ema": ocp.StandardCheckpointHandler(),
+      "data": grain_python.PyGrainCheckpointHandler(),
+      "config": ocp.JsonCheckpointHandler(),
+  }
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS,
+                               item_handlers=handlers)
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: Any, ema_params: Any, config: Any,
+                    data_iterator: Any = None, force: bool = False) -> bool:
+  """Saves a checkpoint at ``step`` if it is a save step (``checkpoint_every``) or ``force``; all processes call it.
+
+  Args:
+    manager: from ``make_checkpoint_manager``.
+    step: the number of optimizer steps done.
+    state: train state pytree of jax.Arrays / scalars.
+    ema_params: EMA param pytree.
+    config: the run's config (ConfigDict or mapping), stored as JSON.
+    data_iterator: a grain iterator (``DataLoader`` iterator or ``DatasetIterator``) or None.
+    force: save even off the interval (preemption, last step). A step that already has a checkpoint is skipped.
+
+  Returns:
+    Whether a save was started.
+  """
+  if force and step in manager.all_steps():
+    return False
+  items = {
+      "state": ocp.args.StandardSave(state),
+      "ema": ocp.args.StandardSave(ema_params),
+      "config": ocp.args.JsonSave(config_to_dict(config)),
+  }
+  if data_iterator is not None:
+    items["data"] = grain_python.PyGrainCheckpointSave(data_iterator)
+  saved = manager.save(step, args=ocp.args.Composite(**items), force=force)
+  if saved:
+    logging.info("Checkpoint save started at step %d in %s", step, manager.directory)
+  return saved
+
+
+def _has_item(manager: ocp.CheckpointManager, step: int, item: str) -> bool:
+  return (epath.Path(manager.directory) / str(step) / item).exists()
+
+
+def restore_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The config JSON saved with checkpoint ``step``."""
+  return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: Any, abstract_ema: Any,
+                       data_iterator: Any = None,
+                       check_config: Callable[[dict[str, Any]], None] | None = None) -> Restored | None:
+  """Restores the newest readable checkpoint, falling back past damaged ones; None when there is none.
+
+  A step that cannot be read (a truncated or missing file) is logged as a warning and skipped; once an older
+  step restores, the damaged newer steps are deleted so that the run can save those step numbers again.
+  ``check_config`` is called with each candidate's saved config before its arrays are read; the ValueError it
+  raises (e.g. a different model shape) is not a damaged checkpoint and propagates.
+
+  Args:
+    manager: from ``make_checkpoint_manager``.
+    abstract_state: the train state as ShapeDtypeStructs with ``.sharding`` (``parallel.sharding.with_shardings``),
+      so restored arrays are placed straight into their shardings.
+    abstract_ema: the EMA params, likewise.
+    data_iterator: a grain iterator whose state is set in place when the checkpoint has one.
+    check_config: optional caller check of the saved config dict.
+
+  Returns:
+    ``Restored(step, state, ema, config)`` or None when the directory holds no checkpoint.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    return None
+  damaged: list[tuple[int, str]] = []
+  for step in steps:
+    try:
+      saved_config = restore_config(manager, step)
+    except Exception as e:  # pylint: disable=broad-except
+      damaged.append((step, f"{type(e).__name__}: {e}"))
+      logging.warning("Checkpoint step %d in %s has an unreadable config (%s); trying an older one.", step,
+                      manager.directory, e)
+      continue
+    if check_config is not None:
+      check_config(saved_config)
+    items = {"state": ocp.args.StandardRestore(abstract_state), "ema": ocp.args.StandardRestore(abstract_ema)}
+    if data_iterator is not None:
+      if _has_item(manager, step, "data"):
+        items["data"] = grain_python.PyGrainCheckpointRestore(data_iterator)
+      else:
+        logging.warning("Checkpoint step %d has no data iterator state; the input pipeline starts afresh.", step)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except
+      damaged.append((step, f"{type(e).__name__}: {e}"))
+      logging.warning("Checkpoint step %d in %s is damaged (%s: %s); falling back to an older checkpoint.", step,
+                      manager.directory, type(e).__name__, e)
+      continue
+    for bad_step, _ in damaged:
+      logging.warning("Deleting damaged checkpoint step %d (restored step %d instead).", bad_step, step)
+      manager.delete(bad_step)
+    logging.info("Restored checkpoint step %d from %s", step, manager.directory)
+    return Restored(step, restored["state"], restored["ema"], saved_config)
+  details = "; ".join(f"step {s}: {msg[:300]}" for s, msg in damaged)
+  raise CheckpointUnreadableError(
+      f"No checkpoint in {manager.directory} could be restored ({details}). If the model or optimizer changed "
+      "since these were written, use a new --workdir; otherwise move the damaged step directories away.")
+
+
+class CheckpointUnreadableError(ValueError):
+  """Every checkpoint in the directory failed to restore."""
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+  """Blocks until async saves are committed; raises if a background save failed."""
+  manager.wait_until_finished()
+  manager.check_for_errors()
+
+
+def close(manager: ocp.CheckpointManager) -> None:
+  """Finishes pending saves and releases the manager's threads."""
+  manager.wait_until_finished()
+  manager.close()
+
+
+def install_sigterm_handler() -> Callable[[int], bool]:
+  """Makes preemption (SIGTERM) visible to the training loop; returns ``preempted(step) -> bool`` to poll.
+
+  Single process: a Python SIGTERM handler sets a flag, and ``preempted`` returns True from then on; the trainer
+  saves at its current step (``force=True``), closes the manager and returns, so the process exits 0.
+
+  Several processes: all of them must save at the same step, so ``preempted`` asks JAX's preemption sync point
+  (``multihost_utils.reached_preemption_sync_point``), which the distributed runtime's own SIGTERM notifier feeds
+  and which returns True on every process at one agreed step. No Python handler is installed then, because it
+  would replace that notifier. Call it on every process at every step.
+  """
+  if jax.process_count() > 1:
+    def preempted_multihost(step: int) -> bool:
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+      except RuntimeError:  # The preemption service is disabled (jax_enable_preemption_service=False).
+        return False
+    return preempted_multihost
+
+  received = threading.Event()
+
+  def on_sigterm(signum, frame):
+    del frame
+    logging.warning("Received signal %d: saving a checkpoint at the current step, then stopping.", signum)
+    received.set()
+
+  signal.signal(signal.SIGTERM, on_sigterm)
+
+  def preempted(step: int) -> bool:
+    del step
+    return received.is_set()
+
+  return preempted
+
+
+def saved_config(workdir: str | epath.PathLike, step: int | None = None) -> Mapping[str, Any] | None:
+  """The config JSON of checkpoint ``step`` (default: newest) in ``workdir``, read-only; None if none exists."""
+  directory = checkpoint_dir(workdir)
+  if not directory.exists():
+    return None
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_names=ITEMS, item_handlers={"config": ocp.JsonCheckpointHandler()})
+  try:
+    step = manager.latest_step() if step is None else step
+    return None if step is None else restore_config(manager, step)
+  finally:
+    manager.close()
