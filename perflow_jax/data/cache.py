@@ -38,6 +38,9 @@ def encode_fn_from_bundle(bundle: Any) -> EncodeFn:
   Parameters are passed as jit arguments (not closed over), so they stay where the bundle placed them and are
   never baked into the program as constants.
   """
+  if getattr(bundle, "text_encoder_2", None) is not None:
+    raise ValueError("the latent cache stores one text encoder's context (SD1.x / SD2.x); this bundle has two "
+                     "(SDXL), whose pooled embeddings and time ids it cannot hold: train SDXL from images")
   vae, text_encoder = bundle.vae, bundle.text_encoder
 
   @jax.jit

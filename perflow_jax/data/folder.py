@@ -23,6 +23,8 @@ from typing import Any, Iterator
 
 from PIL import Image, ImageOps
 
+from perflow_jax.data import writer
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 SKIP_REASONS = ("unreadable_image", "missing_caption", "too_small", "missing_file", "bad_metadata")
 # Encoded bytes are stored unchanged when they already are RGB JPEG/PNG; anything else is re-encoded.
@@ -205,3 +207,29 @@ def format_report(report: dict[str, Any]) -> str:
   lines += [f"  {reason}: {n}" for reason, n in report["skipped_by_reason"].items() if n]
   lines += [f"  skipped {s['file']}: {s['reason']} ({s['detail']})" for s in report["skipped_files"]]
   return "\n".join(lines)
+
+
+def build_folder_dataset(root: str, data_dir: str, name: str, *, min_size: int = 0, max_size: int = 0,
+                         caption_key: str = "text", split: str = "train", examples_per_shard: int = 1000,
+                         num_threads: int = 4, overwrite: bool = False) -> dict[str, Any]:
+  """Folder of captioned images -> tfds dataset ``name`` in ``data_dir``; returns the report (also saved).
+
+  The report (see ``make_report``) is written as ``prepare_report.json`` in the dataset's version folder. A
+  build never stops for a bad file; it raises only for problems with the folder itself, or when no file at all
+  was usable.
+  """
+  candidates, skipped, layout = scan_folder(root, caption_key)
+  examples = iter_folder_examples(candidates, root, skipped, min_size=min_size, max_size=max_size,
+                                  num_threads=num_threads)
+  description = f"Images with captions from {os.path.abspath(root)} (layout: {layout})."
+  path, written = writer.write_dataset(data_dir, name, writer.image_features(), examples, split=split,
+                                       description=description, examples_per_shard=examples_per_shard,
+                                       overwrite=overwrite)
+  report = make_report(path, layout, written, skipped)
+  with open(os.path.join(path, writer.REPORT_FILENAME), "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2)
+  if written == 0:
+    raise ValueError(f"no usable image in {root!r} ({len(skipped)} skipped; see "
+                     f"{os.path.join(path, writer.REPORT_FILENAME)}): check the layout (same-stem .txt files, "
+                     "metadata.jsonl or metadata.csv with file_name and text) and --min_size")
+  return report

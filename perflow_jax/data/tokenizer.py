@@ -5,7 +5,7 @@ in exactly their format (``vocab.json`` + ``merges.txt`` + ``tokenizer_config.js
 ``special_tokens_map.json``) that ``transformers.CLIPTokenizer.from_pretrained`` reads. Its vocabulary has the
 same layout as CLIP's, only smaller:
 
-  ids 0..255     the 256 byte-level characters (GPT-2's byte -> unicode map), as in CLIP
+  ids 0..255     the 256 byte-level characters (GPT-2's byte -> unicode map, printable ones first: "!" is 0)
   ids 256..511   the same characters with the end-of-word suffix ``</w>``
   ids 512..      one token per merge, in merge order; merges are built so that every word of ``words``
                  (by default the procedural vocabulary) becomes a single token
@@ -81,7 +81,7 @@ def build_vocab_and_merges(words: Iterable[str]) -> tuple[dict[str, int], list[t
   of earlier words have run; new merges rank after all earlier ones, so they never change an earlier word.
   """
   byte_map = bytes_to_unicode()
-  base = [byte_map[b] for b in range(256)]
+  base = list(byte_map.values())  # insertion order = CLIP's: printable bytes first, so "!" is id 0
   vocab_list = base + [c + END_OF_WORD for c in base]
   merges: list[tuple[str, str]] = []
   ranks: dict[tuple[str, str], int] = {}

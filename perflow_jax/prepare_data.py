@@ -1,0 +1,135 @@
+r"""Prepare training data as tensorflow-datasets datasets (array_record).
+
+Images with captions from a local folder (same-stem .txt files, or metadata.jsonl / metadata.csv with
+file_name and text); bad files are skipped and listed in a report, never fatal:
+  python -m perflow_jax.prepare_data --source=folder:/data/my_images --data_dir=/data/tfds --name=my_images \
+      --min_size=256
+
+The procedural shapes dataset (no network; used by the demo and the tiny config):
+  python -m perflow_jax.prepare_data --source=procedural --data_dir=/data/tfds --name=shapes \
+      --num_examples=4096 --resolution=64
+
+A latent cache (VAE moments + text context) of a prepared dataset, for source='cache' training:
+  python -m perflow_jax.prepare_data --cache_latents --pretrained=/models/sd15 --source=tfds:my_images \
+      --data_dir=/data/tfds --name=my_images_latents --resolution=512 --batch_size=64
+
+The report is printed and saved as prepare_report.json in the dataset's folder (<data_dir>/<name>/1.0.0/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+
+_SOURCE = flags.DEFINE_string(
+    "source", None, "folder:PATH (images with captions), procedural, or tfds:NAME (with --cache_latents only: "
+    "a prepared dataset in --source_data_dir or --data_dir).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir the dataset is written to.")
+_NAME = flags.DEFINE_string("name", None, "Dataset name (a-z, 0-9, _).")
+_SPLIT = flags.DEFINE_string("split", "train", "Split name to write (and to read with tfds:NAME).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing dataset of the same name and version.")
+_SHARD = flags.DEFINE_integer("examples_per_shard", 1000, "Examples per array_record shard.")
+_THREADS = flags.DEFINE_integer("num_threads", 4, "Threads decoding images.")
+# folder
+_MIN_SIZE = flags.DEFINE_integer("min_size", 0, "Skip images whose short side is below this many pixels.")
+_MAX_SIZE = flags.DEFINE_integer("max_size", 0, "Downscale images whose short side is above this (0: keep).")
+_CAPTION_KEY = flags.DEFINE_string("caption_key", "text", "Caption column of metadata.jsonl / metadata.csv.")
+# procedural
+_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 1024, "Procedural: number of examples.")
+_RESOLUTION = flags.DEFINE_integer("resolution", 64, "Procedural: image side; cache: side fed to the VAE.")
+_SEED = flags.DEFINE_integer("seed", 0, "Procedural: dataset seed.")
+# latent cache
+_CACHE = flags.DEFINE_bool("cache_latents", False, "Write a latent cache of --source instead of images.")
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "Cache: diffusers folder or single-file checkpoint.")
+_SOURCE_DATA_DIR = flags.DEFINE_string("source_data_dir", None, "Cache: data_dir of tfds:NAME (default --data_dir).")
+_IMAGE_KEY = flags.DEFINE_string("image_key", "image", "Cache: image feature of tfds:NAME.")
+_TEXT_KEY = flags.DEFINE_string("text_key", "text", "Cache: caption feature of tfds:NAME.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Cache: global batch per encoder call.")
+_CACHE_DTYPE = flags.DEFINE_enum("cache_dtype", "float32", ["float32", "float16"], "Cache: storage dtype.")
+
+
+def _parse_source(source: str | None) -> tuple[str, str]:
+  """'folder:PATH' -> ('folder', PATH); 'procedural' -> ('procedural', ''); 'tfds:NAME' -> ('tfds', NAME)."""
+  if not source:
+    raise app.UsageError("--source is required: folder:PATH, procedural or tfds:NAME")
+  kind, _, arg = source.partition(":")
+  if kind == "procedural" and not arg:
+    return kind, ""
+  if kind in ("folder", "tfds") and arg:
+    return kind, os.path.expanduser(arg)
+  raise app.UsageError(f"--source={source!r}: expected folder:PATH, procedural or tfds:NAME")
+
+
+def _cache(kind: str, arg: str) -> dict[str, Any]:
+  """Encodes the source with the pretrained VAE and text encoder and writes the cache; returns a report."""
+  # Imported here: only the cache needs the models and a device mesh.
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from perflow_jax.weights import pretrained  # pylint: disable=g-import-not-at-top
+  from perflow_jax.data import cache  # pylint: disable=g-import-not-at-top
+  from perflow_jax.data import procedural  # pylint: disable=g-import-not-at-top
+  from perflow_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from perflow_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
+  if not _PRETRAINED.value:
+    raise app.UsageError("--cache_latents needs --pretrained=PATH (the model whose VAE and text encoder to use)")
+  if kind == "folder":
+    raise app.UsageError("--cache_latents reads a prepared dataset: first run prepare_data with "
+                         "--source=folder:PATH --name=NAME, then cache it with --source=tfds:NAME")
+  if kind == "procedural":
+    source = procedural.ProceduralSource(_NUM_EXAMPLES.value, _RESOLUTION.value, _SEED.value)
+    image_key, text_key = "image", "text"
+  else:
+    source = sources.open_tfds_source(arg, _SOURCE_DATA_DIR.value or _DATA_DIR.value, _SPLIT.value,
+                                      _IMAGE_KEY.value, _TEXT_KEY.value)
+    image_key, text_key = _IMAGE_KEY.value, _TEXT_KEY.value
+  mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1})
+  bundle = pretrained.load_pretrained(_PRETRAINED.value)
+  path, written = cache.build_latent_cache(
+      source, cache.encode_fn_from_bundle(bundle), mesh, bundle.tokenizer, data_dir=_DATA_DIR.value,
+      name=_NAME.value, resolution=_RESOLUTION.value, batch_size=_BATCH.value, image_key=image_key,
+      text_key=text_key, dtype=np.dtype(_CACHE_DTYPE.value), examples_per_shard=_SHARD.value,
+      overwrite=_OVERWRITE.value, num_threads=_THREADS.value)
+  return {"dataset": path, "layout": f"latent cache of {_SOURCE.value}", "written": written, "skipped": 0,
+          "skipped_by_reason": {}, "skipped_files": [], "pretrained": _PRETRAINED.value,
+          "resolution": _RESOLUTION.value}
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _DATA_DIR.value or not _NAME.value:
+    raise app.UsageError("--data_dir and --name are required")
+  # Imported after flag parsing so that --help stays fast.
+  from perflow_jax.data import folder  # pylint: disable=g-import-not-at-top
+  from perflow_jax.data import writer  # pylint: disable=g-import-not-at-top
+
+  kind, arg = _parse_source(_SOURCE.value)
+  if _CACHE.value:
+    report = _cache(kind, arg)
+    if report["dataset"] is None:  # not process 0: it helped encode, process 0 wrote
+      return
+    with open(os.path.join(report["dataset"], writer.REPORT_FILENAME), "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+  elif kind == "folder":
+    report = folder.build_folder_dataset(
+        arg, _DATA_DIR.value, _NAME.value, min_size=_MIN_SIZE.value, max_size=_MAX_SIZE.value,
+        caption_key=_CAPTION_KEY.value, split=_SPLIT.value, examples_per_shard=_SHARD.value,
+        num_threads=_THREADS.value, overwrite=_OVERWRITE.value)
+  elif kind == "procedural":
+    report = writer.build_procedural_dataset(
+        _DATA_DIR.value, _NAME.value, num_examples=_NUM_EXAMPLES.value, resolution=_RESOLUTION.value,
+        seed=_SEED.value, split=_SPLIT.value, examples_per_shard=_SHARD.value, overwrite=_OVERWRITE.value)
+  else:
+    raise app.UsageError("--source=tfds:NAME is only for --cache_latents (a tfds dataset is already prepared)")
+  print(folder.format_report(report))
+  logging.info("report written to %s", os.path.join(report["dataset"], writer.REPORT_FILENAME))
+
+
+if __name__ == "__main__":
+  app.run(main)

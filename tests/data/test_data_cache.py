@@ -1,0 +1,114 @@
+"""Latent cache: encoded over the mesh, written as tfds, read back as cache batches; sampling from moments."""
+
+import os
+import tempfile
+
+from absl.testing import absltest
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, PartitionSpec
+import numpy as np
+import tensorflow_datasets as tfds
+
+from perflow_jax.data import cache
+from perflow_jax.data import pipeline
+from perflow_jax.data import procedural
+from perflow_jax.data import tokenizer as tokenizer_lib
+from perflow_jax.data import transforms
+
+_RES = 16
+_EXAMPLES = 20  # not a multiple of the batch: the last batch is padded, and the padding is not written
+
+
+@jax.jit
+def _toy_encode(images, input_ids):
+  """A stand-in VAE + text encoder with known outputs: 4x4 average pool (h = R/4), its negation, and ids x 1..3."""
+  b = images.shape[0]
+  mean = images.reshape(b, _RES // 4, 4, _RES // 4, 4, 3).mean(axis=(2, 4))
+  context = input_ids[:, :, None].astype(jnp.float32) * jnp.arange(1, 4, dtype=jnp.float32)
+  return mean, -mean, context
+
+
+class LatentCacheTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.TemporaryDirectory()
+    cls.tok = tokenizer_lib.load_tokenizer(
+        tokenizer_lib.write_tiny_clip_tokenizer(os.path.join(cls.tmp.name, "tok")))
+    cls.mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+    cls.source = procedural.ProceduralSource(_EXAMPLES, 32, seed=1)  # 32 px, cached at 16: a real resize
+    cls.data_dir = os.path.join(cls.tmp.name, "tfds")
+    cls.path, cls.written = cache.build_latent_cache(
+        cls.source, _toy_encode, cls.mesh, cls.tok, data_dir=cls.data_dir, name="toy_latents", resolution=_RES,
+        batch_size=8, examples_per_shard=7)
+
+  @classmethod
+  def tearDownClass(cls):
+    cls.tmp.cleanup()
+    super().tearDownClass()
+
+  def _expected(self, index):
+    """What the cache must hold for example ``index``: the toy encoder applied to the pipeline's image/ids."""
+    ex = transforms.ImageTextExample(image_key="image", text_key="text", resolution=_RES,
+                                     tokenizer=self.tok).random_map(self.source[index], None)
+    mean, logvar, context = _toy_encode(ex["images"][None], ex["input_ids"][None])
+    return np.asarray(mean[0]), np.asarray(logvar[0]), np.asarray(context[0])
+
+  def test_cache_holds_encoder_outputs_in_source_order(self):
+    self.assertEqual(self.written, _EXAMPLES)
+    src = tfds.data_source("toy_latents", split="train", data_dir=self.data_dir)
+    self.assertLen(src, _EXAMPLES)
+    for index in (0, 9, _EXAMPLES - 1):
+      mean, logvar, context = self._expected(index)
+      record = src[index]
+      np.testing.assert_allclose(record["latent_mean"], mean, rtol=0, atol=1e-6)
+      np.testing.assert_allclose(record["latent_logvar"], logvar, rtol=0, atol=1e-6)
+      np.testing.assert_array_equal(record["context"], context)
+      self.assertEqual(record["text"].decode(), procedural.example(1, index, 8)["text"])
+    self.assertEqual(src[0]["latent_mean"].shape, (_RES // 4, _RES // 4, 3))
+    self.assertEqual(src[0]["context"].shape, (77, 3))
+
+  def test_pipeline_reads_cache_batches(self):
+    config = pipeline.default_data_config()
+    config.update(source="cache", name="toy_latents", data_dir=self.data_dir, batch_size=8, shuffle=False)
+    batch = next(pipeline.make_train_iterator(config, self.mesh, None))
+    self.assertEqual(set(batch), {"latent_mean", "latent_logvar", "context"})
+    self.assertEqual(batch["latent_mean"].shape, (8, _RES // 4, _RES // 4, 3))
+    self.assertEqual(batch["context"].shape, (8, 77, 3))
+    for key in batch:
+      self.assertEqual(batch[key].dtype, np.float32)
+      self.assertEqual(batch[key].sharding.spec, PartitionSpec(("data", "fsdp")))
+    mean, _, context = self._expected(5)
+    np.testing.assert_allclose(np.asarray(batch["latent_mean"])[5], mean, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(batch["context"])[5], context)
+
+  def test_float16_storage_and_overwrite_guard(self):
+    with self.assertRaisesRegex(ValueError, "--overwrite"):
+      cache.build_latent_cache(self.source, _toy_encode, self.mesh, self.tok, data_dir=self.data_dir,
+                               name="toy_latents", resolution=_RES, batch_size=8)
+    _, written = cache.build_latent_cache(self.source, _toy_encode, self.mesh, self.tok, data_dir=self.data_dir,
+                                          name="toy_latents_f16", resolution=_RES, batch_size=16,
+                                          dtype=np.float16)
+    self.assertEqual(written, _EXAMPLES)
+    record = tfds.data_source("toy_latents_f16", split="train", data_dir=self.data_dir)[3]
+    self.assertEqual(record["latent_mean"].dtype, np.float16)
+    np.testing.assert_allclose(record["latent_mean"], self._expected(3)[0], atol=1e-3)
+    with self.assertRaisesRegex(ValueError, "multiple of the 8 devices"):
+      cache.build_latent_cache(self.source, _toy_encode, self.mesh, self.tok, data_dir=self.data_dir,
+                               name="bad_batch", resolution=_RES, batch_size=6)
+
+  def test_sample_latents_from_moments(self):
+    key = jax.random.key(3)
+    mean = jnp.full((2, 4, 4, 4), 0.5)
+    logvar = jnp.full((2, 4, 4, 4), np.log(4.0))  # std 2
+    got = cache.sample_latents(key, mean, logvar, 0.18215)
+    eps = jax.random.normal(key, mean.shape)
+    np.testing.assert_allclose(got, (0.5 + 2.0 * eps) * 0.18215, rtol=1e-6)
+    many = cache.sample_latents(key, jnp.zeros((4096, 4)), jnp.full((4096, 4), np.log(4.0)), 1.0)
+    self.assertAlmostEqual(float(jnp.std(many)), 2.0, delta=0.05)
+
+
+if __name__ == "__main__":
+  absltest.main()
