@@ -24,6 +24,7 @@ from perflow_jax.flow.solvers import ddim_window_solve
 from perflow_jax.flow.solvers import grid_timesteps
 from perflow_jax.flow.solvers import guided_eps_fn
 from perflow_jax.flow.solvers import guided_model_output
+from perflow_jax.flow.solvers import logsnr_timesteps
 from perflow_jax.flow.solvers import to_epsilon
 from perflow_jax.flow.solvers import window_solve
 from perflow_jax.flow.windows import TimeWindows
@@ -42,6 +43,7 @@ __all__ = [
     "guided_eps_fn",
     "guided_model_output",
     "interpolate",
+    "logsnr_timesteps",
     "loss_weights",
     "perflow_loss",
     "perflow_target",

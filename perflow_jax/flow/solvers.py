@@ -10,8 +10,12 @@ Three solvers, one contract (`window_solve(eps_fn, z, t_start, t_end, num_steps,
   wrong noise level. That mismatch is kept on purpose.
 - 'ddim_grid': the same DDIM on a self-consistent grid: S + 1 nodes round(1000 t - 1) on
   linspace(t_start, t_end, S + 1), every step lands on the next node, the last on alpha_bar(t_end).
-- 'dpmpp_2m': DPM-Solver++(2M) (Lu et al. 2022), the data-prediction multistep solver, on the 'ddim_grid'
-  nodes: step 1 is DDIM, later steps extrapolate the x0 prediction linearly in log-SNR from the previous one.
+- 'dpmpp_2m': DPM-Solver++(2M) (Lu et al. 2022), the data-prediction multistep solver, between the same
+  endpoints alpha_bar(t_start) -> alpha_bar(t_end) on S + 1 integer nodes uniform in log-SNR: step 1 is DDIM,
+  later steps extrapolate the x0 prediction linearly in log-SNR from the previous one. Uniform-in-t nodes
+  would leave one log-SNR gap of ~1.8 (timestep 30 -> 0) in the last step of the data window, next to gaps of
+  ~0.4, where the extrapolation overshoots (Gaussian study: error 0.07 at 4 steps vs DDIM-8's 0.027);
+  log-SNR nodes keep every step the same size and 4 steps beat DDIM-8 in every window.
 
 All run as one `lax.fori_loop`, so compile time does not grow with the number of steps, and take per-example
 windows (t_start, t_end of shape [B]), so one batch can mix windows. eps_fn(z [B, ...], timestep int32 [B])
@@ -27,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from perflow_jax.flow import _checks
+from perflow_jax.flow.schedule import alpha_bar_index
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
@@ -194,10 +199,39 @@ def ddim_timesteps(t_start: jax.Array, t_end: jax.Array, num_steps: int,
 
 def grid_timesteps(t_start: jax.Array, t_end: jax.Array, num_steps: int,
                    num_train_timesteps: int = 1000) -> jax.Array:
-  """[B, S + 1] int32 nodes round(n t - 1) on linspace(t_start, t_end, S + 1) ('ddim_grid', 'dpmpp_2m')."""
+  """[B, S + 1] int32 nodes round(n t - 1) on linspace(t_start, t_end, S + 1) ('ddim_grid').
+
+  The first node is the reference's first evaluation timestep, the last n t_end - 1 (-1 at t_end = 0, which
+  reads alphas_cumprod[0]).
+  """
   s = _check_steps(num_steps)
   return _time_grid(jnp.asarray(t_start, jnp.float32), jnp.asarray(t_end, jnp.float32), s + 1, s,
                     num_train_timesteps)
+
+
+def logsnr_timesteps(t_start: jax.Array, t_end: jax.Array, num_steps: int,
+                     alphas_cumprod: np.ndarray | jax.Array) -> jax.Array:
+  """[B, S + 1] int32 nodes from alpha_bar(t_start) to alpha_bar(t_end), uniform in log-SNR ('dpmpp_2m').
+
+  log-SNR lambda = log(sqrt(ab / (1 - ab))) is decreasing in the timestep index; the nodes are the indices
+  whose lambda is nearest (by linear interpolation, then rounding) to linspace(lambda_start, lambda_end, S + 1).
+  The endpoints are exact: node 0 = alpha_bar_index(t_start), node S = alpha_bar_index(t_end).
+  Where S approaches the number of timesteps in the window, neighbouring nodes may coincide; the solver then
+  makes a zero-length step, which changes nothing.
+  """
+  s = _check_steps(num_steps)
+  ac = jnp.asarray(alphas_cumprod, jnp.float32)
+  n = ac.shape[0]
+  lam_table = 0.5 * (jnp.log(ac) - jnp.log1p(-ac))
+  i_start = alpha_bar_index(jnp.asarray(t_start, jnp.float32), n)
+  i_end = alpha_bar_index(jnp.asarray(t_end, jnp.float32), n)
+  l_start, l_end = lam_table[i_start], lam_table[i_end]
+  frac = jnp.arange(s + 1, dtype=jnp.float32) / s
+  lam = l_start[:, None] + (l_end - l_start)[:, None] * frac
+  # jnp.interp needs increasing abscissae: lambda increases as the index goes down.
+  idx = jnp.interp(lam, lam_table[::-1], jnp.arange(n - 1, -1, -1, dtype=jnp.float32))
+  nodes = jnp.round(idx).astype(jnp.int32)
+  return nodes.at[:, 0].set(i_start).at[:, -1].set(i_end)
 
 
 # ------------------------------------------------------------------------------------------------ solvers
@@ -329,7 +363,7 @@ def window_solve(eps_fn: EpsFn, z: jax.Array, t_start: jax.Array, t_end: jax.Arr
   if solver == "ddim":
     cur, prev = ddim_timesteps(t_start, t_end, s, n)
     return _ddim_loop(eps_fn, z, cur, prev, ac)
-  nodes = grid_timesteps(t_start, t_end, s, n)
   if solver == "ddim_grid":
+    nodes = grid_timesteps(t_start, t_end, s, n)
     return _ddim_loop(eps_fn, z, nodes[:, :-1], nodes[:, 1:], ac)
-  return _dpmpp_2m_loop(eps_fn, z, nodes, ac)
+  return _dpmpp_2m_loop(eps_fn, z, logsnr_timesteps(t_start, t_end, s, ac), ac)
