@@ -91,7 +91,10 @@ def open_tfds_source(name: str, data_dir: str | None, split: str = "train",
     if key is not None and not _has_feature(features, key):
       raise ValueError(f"tfds dataset {name!r} has no feature {key!r} (config.data.{what}); its features are "
                        f"{_feature_keys(features)}")
-  if builder.info.file_format != tfds.core.file_adapters.FileFormat.ARRAY_RECORD:
+  random_access = tfds.core.file_adapters.FileFormat.with_random_access()
+  if not builder.info.available_file_formats() & set(random_access):
+    # Only tfrecord on disk (a catalog dataset built by `tfds build`): convert once; the converted files are
+    # then listed as an alternative format in dataset_info.json and chosen by as_data_source.
     convert_to_array_record(builder)
     builder = tfds_builder(name, data_dir)
   decoders = _nested(image_key, tfds.decode.SkipDecoding()) if image_key else None

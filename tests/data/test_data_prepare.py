@@ -191,6 +191,12 @@ class SourcesTest(absltest.TestCase):
       json.dump(info, f)
     with self.assertRaisesRegex(ImportError, r"pip install 'perflow_jax\[tf\]'"):
       sources.open_tfds_source("shapes_tfrecord", self.data_dir)
+    # Once converted (array_record listed as an alternative format), it reads without TensorFlow.
+    info["alternativeFileFormats"] = ["array_record"]
+    with open(info_path, "w") as f:
+      json.dump(info, f)
+    src = sources.open_tfds_source("shapes_tfrecord", self.data_dir)
+    self.assertEqual(src[1]["text"].decode(), procedural.example(0, 1, 8)["text"])
 
 
 class CliTest(absltest.TestCase):
