@@ -166,7 +166,7 @@ class GlobalBatchIterator:
 
 def check_batch_divides(batch_size: int, sharding: NamedSharding) -> None:
   """ValueError unless the global batch splits evenly over the devices of the batch axes."""
-  spec = sharding.spec[0] or ()
+  spec = (sharding.spec[0] if len(sharding.spec) else None) or ()
   spec = (spec,) if isinstance(spec, str) else tuple(spec)
   shards = int(np.prod([sharding.mesh.shape[a] for a in spec])) if spec else 1
   if batch_size % shards:
@@ -175,7 +175,8 @@ def check_batch_divides(batch_size: int, sharding: NamedSharding) -> None:
 
 
 def make_train_iterator(config_data: Any, mesh: Mesh, tokenizer: Any, seed: int | None = None, *,
-                        batch_size: int | None = None) -> GlobalBatchIterator:
+                        batch_size: int | None = None,
+                        sharding: NamedSharding | None = None) -> GlobalBatchIterator:
   """The trainer's iterator of global batches (see the module docstring for their structure).
 
   Args:
@@ -184,9 +185,11 @@ def make_train_iterator(config_data: Any, mesh: Mesh, tokenizer: Any, seed: int 
     tokenizer: a CLIPTokenizer (None is fine for source='cache').
     seed: shuffling/augmentation seed; None uses ``config_data.shuffle_seed``.
     batch_size: the global batch size; None uses ``config_data.batch_size``.
+    sharding: the batch sharding (e.g. from the config's sharding rules); None shards the leading dimension
+      over the mesh's ('data', 'fsdp') axes.
   """
   batch_size = int(config_data.batch_size if batch_size is None else batch_size)
-  sharding = batch_sharding(mesh)
+  sharding = batch_sharding(mesh) if sharding is None else sharding
   check_batch_divides(batch_size, sharding)
   loader = make_host_loader(config_data, tokenizer, batch_size=batch_size, process_index=jax.process_index(),
                             process_count=jax.process_count(), seed=seed)

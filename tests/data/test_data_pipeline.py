@@ -150,6 +150,15 @@ class PipelineTest(absltest.TestCase):
       start = shard.index[0].start
       np.testing.assert_array_equal(shard.data, host[start:start + 2])
 
+  def test_batch_sharding_from_the_caller(self):
+    sharding = jax.sharding.NamedSharding(self.mesh, PartitionSpec("data"))  # replicated over 'fsdp'
+    config = _config(resolution=16, batch_size=8, shuffle=False, procedural_size=16)
+    batch = next(pipeline.make_train_iterator(config, self.mesh, self.tok, sharding=sharding))
+    self.assertEqual(batch["images"].sharding, sharding)
+    self.assertEqual({s.data.shape[0] for s in batch["images"].addressable_shards}, {2})
+    with self.assertRaisesRegex(ValueError, "multiple of the 4 devices"):
+      pipeline.make_train_iterator(_config(batch_size=6), self.mesh, self.tok, sharding=sharding)
+
   def test_config_errors(self):
     with self.assertRaisesRegex(ValueError, "multiple of the 8 devices"):
       pipeline.make_train_iterator(_config(batch_size=12), self.mesh, self.tok)
