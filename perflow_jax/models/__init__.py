@@ -1,0 +1,6 @@
+"""Flax (Linen, NHWC) ports of the Stable Diffusion models: UNet2DCondition, AutoencoderKL, CLIP text encoder."""
+
+from perflow_jax.models.common import abstract_params, param_count
+from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+__all__ = ["abstract_params", "param_count", "UNet2DConditionModel", "UNetConfig"]
