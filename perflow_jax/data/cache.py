@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from perflow_jax.data import pipeline
 from perflow_jax.data import transforms
@@ -61,12 +61,17 @@ def sample_latents(key: jax.Array, latent_mean: jax.Array, latent_logvar: jax.Ar
   return (latent_mean + jnp.exp(0.5 * latent_logvar) * eps) * scaling_factor
 
 
-def _host_rows(num_examples: int, batch_index: int, global_batch: int, process_index: int,
-               process_count: int) -> np.ndarray:
-  """Example indices of this process's rows of one global batch; the last batch repeats the final example."""
-  host_batch = global_batch // process_count
-  start = batch_index * global_batch + process_index * host_batch
-  return np.minimum(np.arange(start, start + host_batch), num_examples - 1)
+def process_rows(sharding: NamedSharding, global_batch: int) -> np.ndarray:
+  """Global batch rows that this process's devices hold, in the order its local data must list them.
+
+  ``make_array_from_process_local_data`` fills those rows from the process's local rows in increasing order;
+  they are one contiguous block per process on usual meshes, but nothing here relies on that.
+  """
+  index_map = sharding.addressable_devices_indices_map((global_batch,))
+  rows: set[int] = set()
+  for index in index_map.values():
+    rows.update(range(*index[0].indices(global_batch)))
+  return np.array(sorted(rows), np.int64)
 
 
 def _encoded_batches(source: Any, encode_fn: EncodeFn, mesh: Mesh, example_fn: Any, text_key: str,
@@ -76,6 +81,7 @@ def _encoded_batches(source: Any, encode_fn: EncodeFn, mesh: Mesh, example_fn: A
   process_index, process_count = jax.process_index(), jax.process_count()
   num_examples = len(source)
   num_batches = -(-num_examples // global_batch)
+  my_rows = process_rows(sharding, global_batch)
 
   def load(index: int) -> tuple[dict[str, np.ndarray], str]:
     record = source[int(index)]
@@ -83,22 +89,24 @@ def _encoded_batches(source: Any, encode_fn: EncodeFn, mesh: Mesh, example_fn: A
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
     for b in range(num_batches):
-      rows = list(pool.map(load, _host_rows(num_examples, b, global_batch, process_index, process_count)))
+      # The last batch is padded by repeating the final example; its extra rows are dropped below.
+      indices = np.minimum(b * global_batch + my_rows, num_examples - 1)
+      rows = list(pool.map(load, indices))
       host = {"images": np.stack([r[0]["images"] for r in rows]),
               "input_ids": np.stack([r[0]["input_ids"] for r in rows])}
       batch = pipeline.to_global_batch(host, sharding, process_count)
       outputs = encode_fn(batch["images"], batch["input_ids"])
-      # Process 0 writes, so it needs whole batches; tiled gathers the process slices back in batch order.
+      # Process 0 writes, so it needs whole batches: gather the global arrays (row r = example b * B + r).
       outputs = [np.asarray(multihost_utils.process_allgather(o, tiled=True)) for o in outputs]
+      keep = min(global_batch, num_examples - b * global_batch)
       if process_count == 1:
         captions = [text for _, text in rows]
       elif process_index == 0:
         # Other processes' captions: process 0 re-reads them from the source (cheaper than gathering strings).
-        indices = _host_rows(num_examples, b, global_batch, 0, 1)
-        captions = [transforms.caption_text(transforms.get_path(source[int(i)], text_key)) for i in indices]
+        captions = [transforms.caption_text(transforms.get_path(source[b * global_batch + r], text_key))
+                    for r in range(keep)]
       else:
-        captions = [""] * global_batch  # not written on this process
-      keep = min(global_batch, num_examples - b * global_batch)
+        captions = [""] * keep  # not written on this process
       yield tuple(o[:keep] for o in outputs) + (captions[:keep],)
 
 

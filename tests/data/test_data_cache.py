@@ -99,6 +99,12 @@ class LatentCacheTest(absltest.TestCase):
       cache.build_latent_cache(self.source, _toy_encode, self.mesh, self.tok, data_dir=self.data_dir,
                                name="bad_batch", resolution=_RES, batch_size=6)
 
+  def test_process_rows_cover_the_batch_once_in_one_process(self):
+    sharding = pipeline.batch_sharding(self.mesh)
+    np.testing.assert_array_equal(cache.process_rows(sharding, 16), np.arange(16))
+    replicated_fsdp = jax.sharding.NamedSharding(self.mesh, PartitionSpec("data"))
+    np.testing.assert_array_equal(cache.process_rows(replicated_fsdp, 8), np.arange(8))
+
   def test_sample_latents_from_moments(self):
     key = jax.random.key(3)
     mean = jnp.full((2, 4, 4, 4), 0.5)
