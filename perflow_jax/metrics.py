@@ -35,7 +35,7 @@ def check_finite(step: int, loss: Any, last_checkpoint_step: int | None, checkpo
     last_checkpoint_step: newest committed checkpoint step (``manager.latest_step()``), or None.
     checkpoint_dir: where the checkpoints are, for the message.
   """
-  value = float(np.asarray(loss))
+  value = float(np.asarray(jax.device_get(loss)))  # Explicit: allowed under a 'disallow' transfer guard.
   if math.isfinite(value):
     return
   if last_checkpoint_step is None:
@@ -73,7 +73,7 @@ def format_progress(step: int, total_steps: int, steps_per_s: float | None, scal
 
 
 def _to_float(name: str, value: Any) -> float:
-  array = np.asarray(value)
+  array = np.asarray(jax.device_get(value))  # Explicit transfer: the trainer runs under a transfer guard.
   if array.size != 1:
     raise ValueError(f"metric {name!r} has shape {array.shape}; log scalars only (reduce it with .mean()).")
   return float(array.reshape(()))

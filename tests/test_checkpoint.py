@@ -251,16 +251,20 @@ class SigtermTest(absltest.TestCase):
   def test_sigterm_saves_current_step_and_exits_zero(self):
     workdir = pathlib.Path(_tempdir(self))
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    proc = subprocess.Popen([sys.executable, "-c", _SIGTERM_SCRIPT, str(workdir)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while not (workdir / "running").exists():
-      self.assertIsNone(proc.poll(), proc.stdout.read().decode()[-3000:] if proc.poll() is not None else "")
-      self.assertLess(time.time(), deadline, "the script did not start training within 120 s")
-      time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    self.assertEqual(proc.returncode, 0, out.decode()[-3000:])
+    log_path = workdir / "script.log"
+    with open(log_path, "wb") as log:  # A file, not a pipe: an unread pipe could fill up and block the script.
+      proc = subprocess.Popen([sys.executable, "-c", _SIGTERM_SCRIPT, str(workdir)], env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+      self.addCleanup(lambda: proc.poll() is None and proc.kill())
+      deadline = time.time() + 120
+      while not (workdir / "running").exists():
+        if proc.poll() is not None:
+          self.fail(f"the script exited early: {log_path.read_text()[-3000:]}")
+        self.assertLess(time.time(), deadline, "the script did not start training within 120 s")
+        time.sleep(0.05)
+      proc.send_signal(signal.SIGTERM)
+      proc.wait(timeout=120)
+    self.assertEqual(proc.returncode, 0, log_path.read_text()[-3000:])
     stopped_at = int((workdir / "stopped_at").read_text())
     self.assertGreaterEqual(stopped_at, 3)
     manager = checkpoint.make_checkpoint_manager(workdir, ml_collections.ConfigDict(
