@@ -9,6 +9,8 @@ import struct
 import tempfile
 
 from absl.testing import absltest
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 from tensorboardX.proto import event_pb2
@@ -74,6 +76,14 @@ class WriterTest(absltest.TestCase):
     tag, step, image = images[0]
     self.assertEqual((tag, step, image.height, image.width), ("samples", 40, 6, 8))
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(image.encoded_image_string))), 0)
+
+  def test_device_values_under_a_transfer_guard(self):
+    with metrics.MetricsWriter(_tempdir(self), 10, enabled=True, clock=FakeClock([0, 1])) as writer:
+      loss = jnp.float32(0.25) * 2
+      with jax.transfer_guard("disallow"):
+        record = writer.write_scalars(2, {"loss": loss})
+        metrics.check_finite(2, loss, None, "/w")
+    self.assertEqual(record, {"step": 2, "loss": 0.5, "steps_per_s": 2.0})
 
   def test_resume_drops_lines_after_start_step(self):
     workdir = _tempdir(self)

@@ -157,13 +157,16 @@ def logical_to_shardings(boxed_abstract_tree: Any, mesh: Mesh, rules: Rules = DE
   """
   rules = normalize_rules(rules)
   _check_axes(rules, mesh)
-  identity = tuple((a, (a,)) for a in mesh.axis_names)
 
   def one(path, leaf):
     if isinstance(leaf, nn.LogicallyPartitioned):
       spec = spec_for(leaf.value.shape, leaf.names, mesh, rules, fallback_to_largest, _path_str(path))
     elif isinstance(leaf, nn.Partitioned):
-      names = [None if n is None else n if isinstance(n, str) else None for n in leaf.names]
+      # Names are mesh axes already (an axis, a tuple of axes, or None): each maps to itself.
+      names = [None if n is None else n if isinstance(n, str) else "+".join(n) for n in leaf.names]
+      identity = tuple((name, tuple(n) if isinstance(n, tuple) else (n,))
+                       for name, n in zip(names, leaf.names) if name is not None)
+      _check_axes(identity, mesh)
       spec = spec_for(leaf.value.shape, names, mesh, identity, fallback_to_largest, _path_str(path))
     else:
       spec = P()

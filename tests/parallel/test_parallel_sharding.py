@@ -150,6 +150,7 @@ class ShardingTest(parameterized.TestCase):
     self.assertEqual(adam.nu["conv_in"]["kernel"].spec, P(None, None, None, "fsdp"))
     opt_state = sharding.init_sharded(lambda p: tx.init(p), opt_shardings, _PLAIN)
     self.assertEqual(opt_state[0].mu["fc1"]["kernel"].sharding.spec, P(None, "fsdp"))
+    self.assertEqual(sharding.leaf_specs(opt_shardings)["0/mu/fc1/kernel"], P(None, "fsdp"))
 
   def test_batch_sharding(self):
     mesh = _mesh((2, 4))
@@ -184,6 +185,14 @@ class ShardingTest(parameterized.TestCase):
       sharding.normalize_rules((("mlp", "fsdp"), ("mlp", None)))
     with self.assertRaisesRegex(ValueError, r"not a \(logical_name, mesh_axes\) pair"):
       sharding.normalize_rules((("mlp",),))
+
+  def test_plain_partitioned_names_mesh_axes(self):
+    mesh = _mesh((2, 4))
+    tree = {"a": nn.Partitioned(jax.ShapeDtypeStruct((16, 6), jnp.float32), (("data", "fsdp"), None)),
+            "b": nn.Partitioned(jax.ShapeDtypeStruct((6, 4), jnp.float32), (None, "fsdp")),
+            "c": jax.ShapeDtypeStruct((3,), jnp.int32)}
+    specs = sharding.leaf_specs(sharding.logical_to_shardings(tree, mesh))
+    self.assertEqual(specs, {"a": P(("data", "fsdp")), "b": P(None, "fsdp"), "c": P()})
 
   def test_rules_survive_a_json_round_trip(self):
     as_json = [["batch", ["data", "fsdp"]], ["mlp", "fsdp"], ["embed", None]]
