@@ -2,5 +2,7 @@
 
 from perflow_jax.models.common import abstract_params, param_count
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
+from perflow_jax.models.vae import AutoencoderKL, VAEConfig, sample_latents
 
-__all__ = ["abstract_params", "param_count", "UNet2DConditionModel", "UNetConfig"]
+__all__ = ["abstract_params", "param_count", "UNet2DConditionModel", "UNetConfig", "AutoencoderKL", "VAEConfig",
+           "sample_latents"]
