@@ -19,8 +19,9 @@ Typical use in a trainer::
   restored = restore_checkpoint(manager, abstract_state, abstract_ema, data_iterator=it)
   for step in range(first, config.total_steps + 1):
     ...
-    save_checkpoint(manager, step, state, ema, config, it, force=preempted(step) or step == total)
-    if preempted(step): break
+    stop = preempted(step)  # Once per step, on every process.
+    save_checkpoint(manager, step, state, ema, config, it, force=stop or step == config.total_steps)
+    if stop: break
   close(manager)
 """
 

@@ -94,7 +94,7 @@ def spec_for(shape: Sequence[int], names: Sequence[str | None], mesh: Mesh, rule
   if len(names) != len(shape):
     raise ValueError(f"parameter {path or '?'} has shape {tuple(shape)} but logical axis names {tuple(names)}; "
                      "give one name per dimension in nn.with_logical_partitioning.")
-  table = dict(rules)
+  table = dict(normalize_rules(rules))  # Cheap, and spec_for may be called with rules as written in a config.
   used: set[str] = set()
   placed: list[tuple[str, ...]] = []
   unplaced: list[tuple[str, ...]] = []
@@ -164,8 +164,8 @@ def logical_to_shardings(boxed_abstract_tree: Any, mesh: Mesh, rules: Rules = DE
     elif isinstance(leaf, nn.Partitioned):
       # Names are mesh axes already (an axis, a tuple of axes, or None): each maps to itself.
       names = [None if n is None else n if isinstance(n, str) else "+".join(n) for n in leaf.names]
-      identity = tuple((name, tuple(n) if isinstance(n, tuple) else (n,))
-                       for name, n in zip(names, leaf.names) if name is not None)
+      identity = tuple({name: tuple(n) if isinstance(n, tuple) else (n,)
+                        for name, n in zip(names, leaf.names) if name is not None}.items())
       _check_axes(identity, mesh)
       spec = spec_for(leaf.value.shape, names, mesh, identity, fallback_to_largest, _path_str(path))
     else:
