@@ -36,8 +36,7 @@ def check_windows(t_start: Any, t_end: Any) -> None:
   check_unit_interval(t_start, "t_start")
   check_unit_interval(t_end, "t_end")
   s, e = concrete(t_start), concrete(t_end)
-  if s is not None and e is not None and np.any(np.broadcast_to(s, np.broadcast_shapes(s.shape, e.shape))
-                                                <= np.broadcast_to(e, np.broadcast_shapes(s.shape, e.shape))):
+  if s is not None and e is not None and np.any(s <= e):
     raise ValueError(
         "Every window must run from noise to data, t_start > t_end; got t_start="
         f"{s.tolist()} and t_end={e.tolist()}.")

@@ -90,11 +90,13 @@ def steps_to_match(errors: dict[tuple[str, int], np.ndarray], solver: str = "dpm
                    baseline: tuple[str, int] = BASELINE) -> dict[str, Any]:
   """Fewest steps of `solver` whose error is <= the baseline's, per window and for all windows at once.
 
+  The REFERENCE_STEPS run (scored only to check the reference) is not a candidate.
+
   Returns:
     {'per_window': [K] steps (None where no tried count matches), 'all_windows': steps or None}.
   """
   base = errors[baseline]
-  tried = sorted(s for (name, s) in errors if name == solver)
+  tried = sorted(s for (name, s) in errors if name == solver and s != REFERENCE_STEPS)
   per_window = []
   for k in range(base.shape[0]):
     per_window.append(next((s for s in tried if errors[(solver, s)][k] <= base[k]), None))
@@ -196,11 +198,16 @@ def format_table(errors: dict[tuple[str, int], np.ndarray], num_windows: int) ->
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["gaussian", "unet"], "Teachers to study: gaussian, unet.")
-flags.DEFINE_integer("num_windows", 4, "K.")
-flags.DEFINE_integer("max_steps", 8, "Largest DPM-Solver++(2M) step count tried.")
-flags.DEFINE_integer("seed", 0, "PRNG seed.")
-flags.DEFINE_string("json", None, "Optional path for the results as JSON.")
+
+
+def _define_flags() -> None:
+  # Defined only when run as a script: importing this module (tests, notebooks) must not claim global absl
+  # flag names such as --seed that the package's CLIs define.
+  flags.DEFINE_list("models", ["gaussian", "unet"], "Teachers to study: gaussian, unet.")
+  flags.DEFINE_integer("num_windows", 4, "K.")
+  flags.DEFINE_integer("max_steps", 8, "Largest DPM-Solver++(2M) step count tried.")
+  flags.DEFINE_integer("seed", 0, "PRNG seed.")
+  flags.DEFINE_string("json", None, "Optional path for the results as JSON.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -226,4 +233,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

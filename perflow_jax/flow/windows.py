@@ -29,6 +29,7 @@ class TimeWindows:
   def __post_init__(self):
     if isinstance(self.num_windows, bool) or int(self.num_windows) != self.num_windows or self.num_windows < 1:
       raise ValueError(f"num_windows must be a positive integer, got {self.num_windows!r}.")
+    object.__setattr__(self, "num_windows", int(self.num_windows))  # 4.0 -> 4: K is a count
 
   @property
   def starts(self) -> np.ndarray:
