@@ -391,14 +391,16 @@ def ema_unet(ldm: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: ldm[ema_key(k)] for k in unet}
 
 
-def ldm_to_diffusers(ldm: Mapping[str, np.ndarray], *, family: str | None = None,
-                     extract_ema: bool = False) -> tuple[str, dict[str, dict[str, np.ndarray]]]:
+def ldm_to_diffusers(ldm: Mapping[str, np.ndarray], *, family: str | None = None, extract_ema: bool = False,
+                     sd2_text_layers: int | None = None) -> tuple[str, dict[str, dict[str, np.ndarray]]]:
   """Splits a single-file checkpoint into diffusers-named components.
 
   Args:
     ldm: the flat state dict (`state_dict` wrappers already removed).
     family: 'sd1' | 'sd2' | 'sdxl', or None to detect it.
     extract_ema: take the UNet from the `model_ema.` copy.
+    sd2_text_layers: OpenCLIP blocks an SD2 text encoder keeps (its config's num_hidden_layers); None: all but
+      the last, as in the published files (24 blocks stored, 23 used).
 
   Returns:
     (family, {'unet', 'vae', 'text_encoder'[, 'text_encoder_2']: diffusers-named state dict}); a component with no
@@ -424,8 +426,13 @@ def ldm_to_diffusers(ldm: Mapping[str, np.ndarray], *, family: str | None = None
     if tower:
       layers = {int(k.split(".")[2]) for k in tower if k.startswith("transformer.resblocks.")}
       if family == "sd2":
-        # SD2 conditions on the penultimate OpenCLIP layer: diffusers keeps all but the last block.
-        out["text_encoder"] = openclip_to_diffusers(tower, num_layers=max(layers), keep_projection=False)
+        # SD2 conditions on the penultimate OpenCLIP layer, so its text encoder has one block less than the file.
+        keep = max(layers) if sd2_text_layers is None else sd2_text_layers
+        if len(layers) - keep not in (0, 1):
+          raise ConversionError(f"the SD2 OpenCLIP tower in this file has {len(layers)} blocks, but the text "
+                                f"encoder config has {keep} layers (it uses all blocks or all but the last); check "
+                                "the text_encoder config.")
+        out["text_encoder"] = openclip_to_diffusers(tower, num_layers=keep, keep_projection=False)
       else:
         out["text_encoder_2"] = openclip_to_diffusers(tower, keep_projection=True)
   return family, out
