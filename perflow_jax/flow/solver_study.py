@@ -11,6 +11,13 @@ compared (RMS over all elements) with a reference endpoint:
     DPM-Solver++(2M) solve on the same endpoints.
 
 Run: python -m perflow_jax.flow.solver_study [--models=gaussian,unet] [--max_steps=8] [--json=out.json]
+
+Findings (K = 4, seed 0, CPU): on the Gaussian, 2M with 4 calls per window is below DDIM-8's error in every
+window (3 suffice in the two middle windows); the 200-step 2M reference is within 5e-4 of the closed form.
+On the random UNet, 2M-4 beats DDIM-8 in the noisiest window, 2M-5 in the middle two, and only 2M-8 in the data
+window; its errors are not monotone in the step count, because a random network's output is rough in t (its
+sinusoidal time embedding has frequencies up to 1 rad per timestep), which a trained teacher's is not. The
+reference's 'ddim' at S = 64 is worse than at S = 5: its stride 3 on a 3.9-timestep grid skips flow.
 """
 
 from __future__ import annotations
