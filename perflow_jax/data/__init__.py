@@ -9,7 +9,7 @@ Modules:
   procedural  the shapes text-image dataset (vocabulary, labels, drawing)
   folder      folders of captioned images -> tfds, with a report of skipped files
   writer      tfds (array_record) writing without TensorFlow
-  cache       latent cache: ``build_latent_cache``, ``encode_fn_from_bundle``, ``sample_latents``
+  cache       latent cache: ``build_latent_cache``, ``encode_fn_from_bundle``
 
 Batch structure (the train step sees exactly one of these per run):
   images:  {'images': float32 [B, R, R, 3] in [-1, 1] (NHWC), 'input_ids': int32 [B, 77]}

@@ -6,8 +6,8 @@ dataset (array_record) with, per example:
   'latent_mean', 'latent_logvar': [h, w, c]  the VAE posterior (logvar as the VAE returns it, clipped)
   'context': [77, D]                          the text encoder's last hidden state
   'text': the caption
-Training reads it with ``config.data.source = 'cache'`` and draws a fresh latent every step with
-``sample_latents`` (PeRFlow samples the posterior rather than taking its mean).
+Training reads it with ``config.data.source = 'cache'`` and draws a fresh latent every step from the stored
+moments with ``perflow_jax.models.vae.sample_latents`` (PeRFlow samples the posterior, not its mean).
 
 The encoders are a small interface: any ``encode_fn(images [B,H,W,3] f32 in [-1,1], input_ids [B,77] int32)
 -> (mean, logvar, context)``; ``encode_fn_from_bundle`` makes one from ``perflow_jax.weights.load_pretrained``.
@@ -20,7 +20,6 @@ import itertools
 from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
@@ -52,13 +51,6 @@ def encode_fn_from_bundle(bundle: Any) -> EncodeFn:
     return mean, logvar, context
 
   return lambda images, input_ids: encode(bundle.vae_params, bundle.text_params, images, input_ids)
-
-
-def sample_latents(key: jax.Array, latent_mean: jax.Array, latent_logvar: jax.Array,
-                   scaling_factor: float) -> jax.Array:
-  """(mean + exp(logvar / 2) * N(0, 1)) * scaling_factor: a VAE latent drawn from stored moments, [B,h,w,c]."""
-  eps = jax.random.normal(key, latent_mean.shape, latent_mean.dtype)
-  return (latent_mean + jnp.exp(0.5 * latent_logvar) * eps) * scaling_factor
 
 
 def process_rows(sharding: NamedSharding, global_batch: int) -> np.ndarray:

@@ -1,9 +1,12 @@
-"""Latent cache: encoded over the mesh, written as tfds, read back as cache batches; sampling from moments."""
+"""Latent cache: encoded over the mesh, written as tfds, read back as cache batches (toy and tiny Flax models)."""
 
 import os
 import tempfile
+import types
 
 from absl.testing import absltest
+from flax import linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec
@@ -15,6 +18,8 @@ from perflow_jax.data import pipeline
 from perflow_jax.data import procedural
 from perflow_jax.data import tokenizer as tokenizer_lib
 from perflow_jax.data import transforms
+from perflow_jax.models.clip import CLIPTextConfig, CLIPTextEncoder
+from perflow_jax.models.vae import AutoencoderKL, VAEConfig, sample_latents
 
 _RES = 16
 _EXAMPLES = 20  # not a multiple of the batch: the last batch is padded, and the padding is not written
@@ -105,15 +110,55 @@ class LatentCacheTest(absltest.TestCase):
     replicated_fsdp = jax.sharding.NamedSharding(self.mesh, PartitionSpec("data"))
     np.testing.assert_array_equal(cache.process_rows(replicated_fsdp, 8), np.arange(8))
 
-  def test_sample_latents_from_moments(self):
-    key = jax.random.key(3)
-    mean = jnp.full((2, 4, 4, 4), 0.5)
-    logvar = jnp.full((2, 4, 4, 4), np.log(4.0))  # std 2
-    got = cache.sample_latents(key, mean, logvar, 0.18215)
-    eps = jax.random.normal(key, mean.shape)
-    np.testing.assert_allclose(got, (0.5 + 2.0 * eps) * 0.18215, rtol=1e-6)
-    many = cache.sample_latents(key, jnp.zeros((4096, 4)), jnp.full((4096, 4), np.log(4.0)), 1.0)
-    self.assertAlmostEqual(float(jnp.std(many)), 2.0, delta=0.05)
+
+def _random_params(abstract_variables, seed):
+  """Random float32 params of an eval_shape'd init (norm scales near 1), much faster than the modules' init."""
+  rng = np.random.default_rng(seed)
+  flat = traverse_util.flatten_dict(nn.meta.unbox(abstract_variables["params"]))
+  params = {path: (1.0 if path[-1] == "scale" else 0.0) + rng.normal(0.0, 0.2, leaf.shape).astype(np.float32)
+            for path, leaf in flat.items()}
+  return traverse_util.unflatten_dict(params)
+
+
+class TinyModelsCacheTest(absltest.TestCase):
+  """The cache around our Flax VAE and CLIP text encoder (tiny, random init) via encode_fn_from_bundle."""
+
+  def test_cache_matches_direct_model_outputs(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      tok = tokenizer_lib.load_tokenizer(tokenizer_lib.write_tiny_clip_tokenizer(os.path.join(tmp, "tok")))
+      vae = AutoencoderKL(VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4),
+                          precision=jax.lax.Precision.HIGHEST)
+      text = CLIPTextEncoder(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=2, num_attention_heads=2),
+                             precision=jax.lax.Precision.HIGHEST)
+      key = jax.random.key(0)
+      vae_shapes = jax.eval_shape(lambda k, x: vae.init(k, x, method=vae.encode), key, *vae.dummy_inputs())
+      text_shapes = jax.eval_shape(text.init, key, *text.dummy_inputs())
+      bundle = types.SimpleNamespace(vae=vae, vae_params=_random_params(vae_shapes, 0), text_encoder=text,
+                                     text_params=_random_params(text_shapes, 1), text_encoder_2=None)
+      mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+      source = procedural.ProceduralSource(10, 16, seed=2)
+      data_dir = os.path.join(tmp, "tfds")
+      _, written = cache.build_latent_cache(source, cache.encode_fn_from_bundle(bundle), mesh, tok,
+                                            data_dir=data_dir, name="tiny_latents", resolution=16, batch_size=8)
+      self.assertEqual(written, 10)
+      config = pipeline.default_data_config()
+      config.update(source="cache", name="tiny_latents", data_dir=data_dir, batch_size=8, shuffle=False)
+      batch = next(pipeline.make_train_iterator(config, mesh, None))
+      self.assertEqual(batch["latent_mean"].shape, (8, 8, 8, 4))  # 16 px / 2 with two VAE levels
+      self.assertEqual(batch["context"].shape, (8, 77, 16))
+      # The same examples through the modules directly, unsharded.
+      records = [source[i] for i in range(8)]
+      images = np.stack([r["image"] for r in records]).astype(np.float32) / 127.5 - 1.0
+      ids = tokenizer_lib.tokenize(tok, [r["text"].decode() for r in records])
+      mean, logvar = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))(bundle.vae_params, images)
+      context = jax.jit(text.apply)({"params": bundle.text_params}, ids)
+      for key, want in (("latent_mean", mean), ("latent_logvar", logvar), ("context", context)):
+        np.testing.assert_allclose(np.asarray(batch[key]), np.asarray(want), rtol=1e-5, atol=1e-5, err_msg=key)
+      latents = sample_latents(jax.random.key(1), batch["latent_mean"], batch["latent_logvar"], 0.18215)
+      self.assertEqual(latents.shape, (8, 8, 8, 4))
+      with self.assertRaisesRegex(ValueError, "SDXL"):
+        cache.encode_fn_from_bundle(types.SimpleNamespace(text_encoder_2=text))
 
 
 if __name__ == "__main__":
