@@ -1,4 +1,4 @@
-"""configs/common.py: argument parsing, base config, validation, locked flag overrides, config.json."""
+"""perflow_jax.config_lib (re-exported by configs/common.py): argument parsing, base config, validation, locked flag overrides, config.json."""
 
 import json
 import os
@@ -12,7 +12,7 @@ from absl.testing import absltest
 from ml_collections import config_flags
 import ml_collections
 
-from configs import common
+from perflow_jax import config_lib as common
 from perflow_jax.parallel import sharding
 
 _CONFIG_FILE = textwrap.dedent("""

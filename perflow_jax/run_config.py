@@ -1,0 +1,161 @@
+"""The fields of a perflow_jax training config beyond the base ones, and the checks the trainer runs at start.
+
+`perflow_config()` returns the base fields (seed, cadences, mesh, sharding, distributed; see
+`perflow_jax.config_lib.base_config`) plus the sections below, with the SD1.5 recipe of the reference as defaults.
+Config files (configs/*.py) start from it and change what their recipe changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from perflow_jax import config_lib
+from perflow_jax.data import pipeline
+
+OBJECTIVES = ("perflow", "diffusion")
+STUDENT_PREDICTION_TYPES = ("diff_eps", "ddim_eps", "velocity")
+TEACHER_PREDICTION_TYPES = ("epsilon", "v_prediction")
+SOLVERS = ("ddim", "ddim_grid", "dpmpp_2m")
+GUIDANCE = ("cfg_sync", "guided")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def perflow_config(**base_overrides: Any) -> ml_collections.ConfigDict:
+  """Base fields + model, perflow, diffusion, optim, data and sample sections (the SD1.5 recipe's values)."""
+  config = config_lib.base_config(**base_overrides)
+  config.objective = "perflow"  # or 'diffusion': train/fine-tune a teacher with the standard objective
+
+  config.model = ml_collections.ConfigDict()
+  config.model.pretrained = ""  # diffusers folder | single file | converted dir; '' = random init from the dicts
+  config.model.tokenizer = ""  # tokenizer folder; '' = the pretrained one ('procedural' = the tiny built-in one)
+  config.model.teacher_prediction_type = ""  # 'epsilon' | 'v_prediction'; '' = from the pretrained scheduler
+  config.model.dtype = "float32"  # compute dtype of the student (master weights are always float32)
+  config.model.teacher_dtype = "float32"  # storage/compute dtype of the frozen teacher
+  config.model.remat = False  # rematerialise UNet blocks in the backward pass
+  config.model.init_seed = 0  # random init only
+  config.model.unet = ml_collections.ConfigDict()  # diffusers-style configs, random init only
+  config.model.vae = ml_collections.ConfigDict()
+  config.model.text_encoder = ml_collections.ConfigDict()
+
+  config.perflow = ml_collections.ConfigDict()
+  config.perflow.num_windows = 4
+  config.perflow.solver = "ddim"  # the reference's DDIM; 'dpmpp_2m' reaches its accuracy in fewer teacher calls
+  config.perflow.solver_steps = 8  # teacher calls per window
+  config.perflow.teacher_guidance = "cfg_sync"  # SD1.5 recipe; 'guided' = the SDXL recipe
+  config.perflow.teacher_guidance_scale = 7.5  # 'guided' only
+  config.perflow.prediction_type = "diff_eps"
+  config.perflow.t_grid = 1000  # training t on a 1/t_grid grid (SDXL: 200)
+  config.perflow.prompt_dropout = 0.1
+  config.perflow.weighting = "none"  # 'reciprocal' | 'rcp_win'
+  config.perflow.distance = "l2"  # 'pseudo_huber'
+
+  config.diffusion = ml_collections.ConfigDict()
+  config.diffusion.prediction_type = "epsilon"
+  config.diffusion.prompt_dropout = 0.1
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 8e-5
+  config.optim.warmup_steps = 0  # the reference's warmup flag had no effect; a value > 0 here really warms up
+  config.optim.weight_decay = 1e-2
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+  config.optim.grad_clip = 1.0
+  config.optim.ema_decay = 0.9999
+  config.optim.grad_accum_steps = 1
+
+  config.data = pipeline.default_data_config()
+
+  config.sample_every = 0  # steps between periodic samples (0: never)
+  config.sample = ml_collections.ConfigDict()
+  config.sample.prompts = ("a photo of a cat",)
+  config.sample.num_steps = (4, 8)
+  config.sample.guidance_scale = 4.5
+  config.sample.seed = 0
+  return config
+
+
+RUN_SCHEMA = config_lib.training_schema(
+    objective=str,
+    model={"pretrained": str, "tokenizer": str, "teacher_prediction_type": str, "dtype": str, "teacher_dtype": str,
+           "remat": bool, "init_seed": int, "unet": Any, "vae": Any, "text_encoder": Any},
+    perflow={"num_windows": int, "solver": str, "solver_steps": int, "teacher_guidance": str,
+             "teacher_guidance_scale": float, "prediction_type": str, "t_grid": int, "prompt_dropout": float,
+             "weighting": str, "distance": str},
+    diffusion={"prediction_type": str, "prompt_dropout": float},
+    optim={"learning_rate": float, "warmup_steps": int, "weight_decay": float, "b1": float, "b2": float,
+           "eps": float, "grad_clip": float, "ema_decay": float, "grad_accum_steps": int},
+    data=Any,
+    sample_every=int,
+    sample={"prompts": (tuple, list), "num_steps": (tuple, list), "guidance_scale": float, "seed": int},
+)
+
+
+def _choice(value: str, allowed: tuple[str, ...], name: str) -> None:
+  if value not in allowed:
+    raise ValueError(f"config.{name}={value!r} is not one of {allowed}.")
+
+
+def validate_run_config(config: Any) -> None:
+  """Rejects unknown/missing fields and inconsistent values before anything starts; names the field and fix."""
+  config_lib.validate(config, RUN_SCHEMA)
+  pipeline._check_config(config.data)  # pylint: disable=protected-access
+  _choice(config.objective, OBJECTIVES, "objective")
+  pf, mc, opt = config.perflow, config.model, config.optim
+  _choice(pf.prediction_type, STUDENT_PREDICTION_TYPES, "perflow.prediction_type")
+  _choice(pf.solver, SOLVERS, "perflow.solver")
+  _choice(pf.teacher_guidance, GUIDANCE, "perflow.teacher_guidance")
+  _choice(mc.dtype, DTYPE_NAMES, "model.dtype")
+  _choice(mc.teacher_dtype, DTYPE_NAMES, "model.teacher_dtype")
+  if mc.teacher_prediction_type:
+    _choice(mc.teacher_prediction_type, TEACHER_PREDICTION_TYPES, "model.teacher_prediction_type")
+  _choice(config.diffusion.prediction_type, TEACHER_PREDICTION_TYPES, "diffusion.prediction_type")
+  if pf.num_windows < 1 or pf.solver_steps < 1:
+    raise ValueError("config.perflow.num_windows and config.perflow.solver_steps must be >= 1.")
+  if pf.t_grid < pf.num_windows or pf.t_grid % pf.num_windows:
+    raise ValueError(f"config.perflow.t_grid={pf.t_grid} must be a multiple of num_windows={pf.num_windows}, so "
+                     "that every window holds the same number of grid points.")
+  if 1000 // (pf.num_windows * pf.solver_steps) < 1:
+    raise ValueError(f"num_windows * solver_steps = {pf.num_windows * pf.solver_steps} exceeds the 1000 SD "
+                     "timesteps: the DDIM stride 1000 // (K S) would be 0. Use fewer solver steps.")
+  for name in ("prompt_dropout",):
+    if not 0.0 <= pf[name] <= 1.0 or not 0.0 <= config.diffusion[name] <= 1.0:
+      raise ValueError(f"config.perflow.{name} / config.diffusion.{name} must be probabilities in [0, 1].")
+  if opt.learning_rate <= 0 or opt.grad_clip <= 0 or opt.warmup_steps < 0:
+    raise ValueError("config.optim.learning_rate and grad_clip must be > 0 and warmup_steps >= 0.")
+  if not 0.0 <= opt.ema_decay < 1.0:
+    raise ValueError(f"config.optim.ema_decay={opt.ema_decay} must be in [0, 1).")
+  if opt.grad_accum_steps < 1 or config.data.batch_size % opt.grad_accum_steps:
+    raise ValueError(f"config.data.batch_size={config.data.batch_size} must be a multiple of "
+                     f"config.optim.grad_accum_steps={opt.grad_accum_steps}.")
+  if not mc.pretrained and not (mc.unet and mc.vae and mc.text_encoder):
+    raise ValueError("config.model.pretrained is empty, so the model is initialised at random: set "
+                     "config.model.unet, .vae and .text_encoder (diffusers-style config dicts), or give a "
+                     "pretrained model path.")
+  if config.sample_every and any(n < pf.num_windows for n in config.sample.num_steps):
+    raise ValueError(f"config.sample.num_steps={tuple(config.sample.num_steps)}: PeRFlow needs at least "
+                     f"num_windows={pf.num_windows} steps (one per window).")
+
+
+def tiny_model() -> ml_collections.ConfigDict:
+  """config.model for a random-initialised tiny SD1-shaped model (UNet, VAE with 2x downsampling, CLIP text).
+
+  The text encoder's vocabulary covers the tiny procedural tokenizer (`tokenizer='procedural'`, 612 tokens).
+  """
+  model = perflow_config().model
+  model.tokenizer = "procedural"
+  model.teacher_prediction_type = "epsilon"
+  model.unet = ml_collections.ConfigDict(dict(
+      sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+      attention_head_dim=2, cross_attention_dim=32, norm_num_groups=8))
+  model.vae = ml_collections.ConfigDict(dict(
+      in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+      sample_size=16, scaling_factor=0.18215))
+  model.text_encoder = ml_collections.ConfigDict(dict(
+      vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+      max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=32))
+  return model

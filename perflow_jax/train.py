@@ -1,0 +1,38 @@
+r"""Trains a PeRFlow student (or, with objective='diffusion', a teacher) from a config file.
+
+  python -m perflow_jax.train --config=configs/sd15.py --workdir=/path/to/run
+  python -m perflow_jax.train --config=configs/tiny.py --workdir=/tmp/tiny --config.total_steps=20
+  python -m perflow_jax.train --config=configs/sd15.py:runlocal --workdir=/tmp/sd15_local
+
+Every config field can be overridden with --config.a.b=value; unknown fields and inconsistent values are
+rejected before anything starts. Rerunning with the same --workdir resumes from its newest intact checkpoint.
+"""
+
+import logging as std_logging
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from perflow_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file (configs/X.py[:arg]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory: checkpoints/, tensorboard/, metrics.jsonl, samples/, config.json.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  # orbax logs every save step at INFO; keep the console for the progress line.
+  std_logging.getLogger("absl").addFilter(
+      lambda r: not r.pathname or "orbax" not in r.pathname or r.levelno >= std_logging.WARNING)
+  trainer.train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

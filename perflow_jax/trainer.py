@@ -1,0 +1,247 @@
+"""The PeRFlow trainer: one linear function, readable top to bottom.
+
+runtime -> mesh -> models (teacher, VAE, text encoder; placed straight into their shardings) -> train state
+(student = teacher, optimizer, EMA; sharded) -> input pipeline -> resume -> ahead-of-time compiled step -> loop
+(step, metrics, periodic samples, checkpoints, preemption) -> final checkpoint.
+
+The mathematics lives in `perflow_jax.flow` and `perflow_jax.train_step`; this file only wires it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from perflow_jax import checkpoint
+from perflow_jax import config_lib
+from perflow_jax import metrics as metrics_lib
+from perflow_jax import models
+from perflow_jax import run_config
+from perflow_jax import sampling
+from perflow_jax import train_step as ts
+from perflow_jax.data import pipeline
+from perflow_jax.data import tokenizer as tokenization
+from perflow_jax.parallel import mesh as mesh_lib
+from perflow_jax.parallel import sharding as sh
+from perflow_jax.weights import pretrained as pretrained_lib
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSet:
+  """The modules of a run and their frozen parameters (the student starts as a copy of `unet_params`)."""
+  unet: nn.Module
+  vae: nn.Module
+  text_encoder: nn.Module
+  tokenizer: Any
+  unet_params: Any
+  vae_params: Any
+  text_params: Any
+  unet_abstract: Any  # boxed abstract params: logical axis names for the shardings
+  scaling_factor: float
+  teacher_prediction_type: str
+
+
+def _component_shardings(mesh, rules, fallback):
+  return lambda abstract: sh.logical_to_shardings(abstract, mesh, rules, fallback)
+
+
+def load_models(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> ModelSet:
+  """The teacher's modules and weights: from `config.model.pretrained`, or random from `config.model.*` configs."""
+  mc = config.model
+  compute = DTYPES[mc.dtype]
+  rules, fallback = sh.rules_from_config(config), bool(config.sharding.fallback_to_largest)
+  place = _component_shardings(mesh, rules, fallback)
+  if mc.pretrained:
+    bundle = pretrained_lib.load_pretrained(mc.pretrained, jnp.float32, compute_dtype=compute,
+                                            prediction_type=mc.teacher_prediction_type or None,
+                                            shardings=place, tokenizer_path=mc.tokenizer or None)
+    return ModelSet(bundle.unet, bundle.vae, bundle.text_encoder, bundle.tokenizer, bundle.unet_params,
+                    bundle.vae_params, bundle.text_params, models.abstract_params(bundle.unet),
+                    float(bundle.config["vae"].get("scaling_factor", 0.18215)),
+                    bundle.config["prediction_type"])
+
+  # Random initialisation from diffusers-style config dicts (the tiny test model, or a teacher trained here).
+  built = {c: pretrained_lib.build_module(c, dict(getattr(mc, c)), dtype=compute)
+           for c in ("unet", "vae", "text_encoder")}
+  params = {}
+  key = jax.random.key(int(mc.init_seed))
+  for i, (c, module) in enumerate(built.items()):
+    abstract = models.abstract_params(module)
+    inputs = module.dummy_inputs(1)
+    params[c] = sh.init_sharded(lambda k, m=module, x=inputs: m.init(k, *x)["params"], place(abstract),
+                                jax.random.fold_in(key, i))
+  tokenizer_dir = mc.tokenizer
+  if tokenizer_dir in ("", "procedural"):
+    tokenizer_dir = os.path.join(workdir, "tokenizer")
+    if jax.process_index() == 0 and not os.path.isdir(tokenizer_dir):
+      tokenization.write_tiny_clip_tokenizer(tokenizer_dir)
+    _barrier("tokenizer")
+  return ModelSet(built["unet"], built["vae"], built["text_encoder"], tokenization.load_tokenizer(tokenizer_dir),
+                  params["unet"], params["vae"], params["text_encoder"], models.abstract_params(built["unet"]),
+                  float(mc.vae.get("scaling_factor", 0.18215)), mc.teacher_prediction_type or "epsilon")
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _cast(tree: Any, dtype: Any) -> Any:
+  return jax.tree.map(lambda x: x.astype(dtype), tree)
+
+
+def _memory_report(compiled: Any) -> dict[str, float]:
+  """Per-device bytes from the compiled executable (what the step needs beyond its inputs)."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  (not every backend reports it)
+    return {}
+  if m is None:
+    return {}
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+  return {f.replace("_size_in_bytes", "_gib"): getattr(m, f, 0) / 2**30 for f in fields}
+
+
+def train(config: Any, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) the run of `config` in `workdir`; returns the last logged metrics."""
+  # --- runtime and mesh -----------------------------------------------------------------------------------------
+  run_config.validate_run_config(config)
+  mesh_lib.maybe_initialize_distributed(config)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules, fallback = sh.rules_from_config(config), bool(config.sharding.fallback_to_largest)
+  config_lib.write_config_json(config, workdir)
+  logging.info("Mesh %s over %d devices, %d process(es).", dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+
+  # --- models: the frozen teacher, VAE and text encoder ---------------------------------------------------------
+  m = load_models(config, workdir, mesh)
+  param_shardings = sh.logical_to_shardings(m.unet_abstract, mesh, rules, fallback)
+  sh.assert_sufficiently_sharded(sh.with_shardings(m.unet_abstract, param_shardings), mesh,
+                                 float(config.sharding.max_replicated_fraction))
+  empty_context = sampling.encode_prompts(m.text_encoder, m.text_params, m.tokenizer, [""])
+  teacher_dtype = DTYPES[config.model.teacher_dtype]
+  frozen = {"teacher": _cast(m.unet_params, teacher_dtype), "empty_context": empty_context}
+  from_cache = config.data.source == "cache"
+  if not from_cache:
+    frozen.update(vae=m.vae_params, text=m.text_params)
+
+  # --- train state: student = teacher copy (float32 master weights), optimizer, EMA -----------------------------
+  optimizer = ts.make_optimizer(config.optim)
+  abstract_opt = jax.eval_shape(optimizer.init, m.unet_abstract)
+  state_shardings = ts.TrainState(step=sh.replicated(mesh), params=param_shardings,
+                                  opt_state=sh.logical_to_shardings(abstract_opt, mesh, rules, fallback))
+  init_state = jax.jit(lambda p: ts.init_train_state(_cast(p, jnp.float32), optimizer),
+                       out_shardings=(state_shardings, param_shardings))
+  state, ema_params = init_state(m.unet_params)
+
+  # --- input ------------------------------------------------------------------------------------------------------
+  data_iter = pipeline.make_train_iterator(config.data, mesh, m.tokenizer, seed=int(config.data.shuffle_seed))
+
+  # --- resume -----------------------------------------------------------------------------------------------------
+  manager = checkpoint.make_checkpoint_manager(workdir, config)
+  preempted = checkpoint.install_sigterm_handler()
+  restored = checkpoint.restore_checkpoint(
+      manager, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state),
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), ema_params),
+      data_iterator=data_iter)
+  if restored is not None:
+    state, ema_params = restored.state, restored.ema
+    logging.info("Resumed from step %d.", restored.step)
+
+  # --- the step, compiled ahead of time ---------------------------------------------------------------------------
+  objective = ts.OBJECTIVES[config.objective](config, m.unet, m.teacher_prediction_type)
+  step_fn = ts.make_train_step(
+      config, ts.make_encode_fn(m.vae, m.text_encoder, m.scaling_factor, from_cache), objective, optimizer)
+  batch = next(data_iter)
+  batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+  frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+  base_key = jax.device_put(jax.random.key(int(config.seed)), sh.replicated(mesh))
+  jitted = jax.jit(step_fn, in_shardings=(state_shardings, param_shardings, frozen_sh, batch_sh,
+                                          sh.replicated(mesh)),
+                   out_shardings=(state_shardings, param_shardings, sh.replicated(mesh)), donate_argnums=(0, 1))
+  t0 = time.perf_counter()
+  compiled = jitted.lower(state, ema_params, frozen, batch, base_key).compile()
+  compile_s = time.perf_counter() - t0
+  logging.info("Step compiled in %.1f s; per-device memory %s", compile_s, _memory_report(compiled))
+
+  # --- loop -------------------------------------------------------------------------------------------------------
+  first = int(jax.device_get(state.step))
+  total = int(config.total_steps)
+  writer = metrics_lib.MetricsWriter(workdir, total_steps=total, start_step=first)
+  sampler = PeriodicSampler(config, m, empty_context) if int(config.sample_every) > 0 else None
+  ckpt_dir = str(checkpoint.checkpoint_dir(workdir))
+  last: dict[str, float] = {"compile_s": compile_s}
+  t_last, steps_since = time.perf_counter(), 0
+  for step in range(first + 1, total + 1):
+    if step > first + 1:
+      batch = next(data_iter)
+    with jax.transfer_guard("disallow"):
+      state, ema_params, step_metrics = compiled(state, ema_params, frozen, batch, base_key)
+    steps_since += 1
+    stop = preempted(step)
+    save_now = stop or step == total or step % int(config.checkpoint_every) == 0
+    if save_now or step % int(config.log_every) == 0:
+      values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+      # Never save a non-finite state over the last good checkpoint.
+      metrics_lib.check_finite(step, values["loss"], manager.latest_step(), ckpt_dir)
+      dt = time.perf_counter() - t_last
+      values["examples_per_s"] = steps_since * int(config.data.batch_size) / dt
+      if step % int(config.log_every) == 0 or step == total:
+        writer.write_scalars(step, values)
+      last.update(values)
+      t_last, steps_since = time.perf_counter(), 0
+    if sampler is not None and step % int(config.sample_every) == 0:
+      sampler.write(writer, workdir, step, ema_params)
+    checkpoint.save_checkpoint(manager, step, state, ema_params, config, data_iter, force=stop or step == total)
+    if stop:
+      logging.warning("Preempted: checkpoint saved at step %d; exiting.", step)
+      break
+  checkpoint.close(manager)
+  writer.close()
+  return last
+
+
+class PeriodicSampler:
+  """Few-step samples of the EMA student on fixed prompts and seeds: one compiled program per step count."""
+
+  def __init__(self, config: Any, m: ModelSet, empty_context: jax.Array):
+    sc = config.sample
+    self._m = m
+    self._steps = tuple(int(n) for n in sc.num_steps)
+    self._guidance = float(sc.guidance_scale)
+    self._context = sampling.encode_prompts(m.text_encoder, m.text_params, m.tokenizer, list(sc.prompts))
+    self._uncond = empty_context
+    latent = int(config.data.resolution) // 2 ** (len(m.vae.config.block_out_channels) - 1)
+    channels = m.unet.config.in_channels
+    self._noise = jax.random.normal(jax.random.key(int(sc.seed)), (len(sc.prompts), latent, latent, channels))
+    self._prompts = list(sc.prompts)
+    pf = config.perflow
+
+    def run(params, vae_params, noise, context, uncond, num_steps):
+      z = sampling.perflow_sample(m.unet, params, noise, context, uncond, num_steps, self._guidance,
+                                  int(pf.num_windows), pf.prediction_type)
+      return sampling.decode_latents(m.vae, vae_params, z, m.scaling_factor)
+
+    self._run = jax.jit(run, static_argnums=(5,))
+
+  def write(self, writer: metrics_lib.MetricsWriter, workdir: str, step: int, params: Any) -> None:
+    """One row per step count, one column per prompt; to TensorBoard and `samples/step_<step>.png`."""
+    rows, labels = [], []
+    for n in self._steps:
+      rows.append(jax.device_get(self._run(params, self._m.vae_params, self._noise, self._context, self._uncond, n)))
+      labels += [f"PeRFlow-{n}: {p}" for p in self._prompts]
+    grid = metrics_lib.image_grid(np.concatenate(rows), ncols=len(self._prompts), labels=labels)
+    writer.write_images(step, {"samples": grid})
+    if writer.enabled:
+      metrics_lib.save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
