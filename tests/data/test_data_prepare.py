@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 from perflow_jax.data import folder
 from perflow_jax.data import procedural
 from perflow_jax.data import sources
+from perflow_jax.data import tokenizer as tokenizer_lib
 from perflow_jax.data import writer
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -219,6 +220,56 @@ class CliTest(absltest.TestCase):
                          timeout=120, check=False)
     self.assertNotEqual(bad.returncode, 0)
     self.assertIn("folder:PATH, procedural or tfds:NAME", bad.stderr)
+
+  def test_cache_latents_cli_matches_torch_models(self):
+    """--cache_latents end to end: a tiny SD1-layout folder, encoded by our Flax ports, checked against torch."""
+    import diffusers  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+
+    tmp_dir = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp_dir.cleanup)
+    model_dir, data_dir = os.path.join(tmp_dir.name, "sd"), os.path.join(tmp_dir.name, "tfds")
+    torch.manual_seed(0)
+    tok = tokenizer_lib.load_tokenizer(tokenizer_lib.write_tiny_clip_tokenizer(os.path.join(model_dir, "tokenizer")))
+    vae = diffusers.AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+                                  up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4, layers_per_block=1)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=[32, 64], norm_num_groups=8, sample_size=8, cross_attention_dim=32, layers_per_block=1,
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        attention_head_dim=2)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id, eos_token_id=2, pad_token_id=tok.pad_token_id))
+    for name, model in (("vae", vae), ("unet", unet), ("text_encoder", text)):
+      model.save_pretrained(os.path.join(model_dir, name))
+    os.makedirs(os.path.join(model_dir, "scheduler"))
+    with open(os.path.join(model_dir, "scheduler", "scheduler_config.json"), "w") as f:
+      json.dump({"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                 "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon"}, f)
+    with open(os.path.join(model_dir, "model_index.json"), "w") as f:
+      json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                 "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+                 "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}, f)
+    run = subprocess.run(
+        [sys.executable, "-m", "perflow_jax.prepare_data", "--cache_latents", f"--pretrained={model_dir}",
+         "--source=procedural", "--num_examples=10", "--resolution=16", f"--data_dir={data_dir}", "--name=latents",
+         "--batch_size=8"],
+        cwd=_REPO, capture_output=True, text=True, timeout=300, check=False,
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"))
+    self.assertEqual(run.returncode, 0, run.stderr[-3000:])
+    self.assertIn("wrote 10 examples", run.stdout)
+    record = tfds.data_source("latents", split="train", data_dir=data_dir)[9]
+    ex = procedural.example(0, 9, 16)
+    self.assertEqual(record["text"].decode(), ex["text"])
+    image = torch.from_numpy(ex["image"].astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    ids = torch.from_numpy(tokenizer_lib.tokenize(tok, [ex["text"]]).astype(np.int64))
+    with torch.no_grad():
+      posterior = vae.encode(image).latent_dist
+      context = text(ids).last_hidden_state
+    np.testing.assert_allclose(record["latent_mean"], posterior.mean[0].permute(1, 2, 0).numpy(), atol=1e-4)
+    np.testing.assert_allclose(record["latent_logvar"], posterior.logvar[0].permute(1, 2, 0).numpy(), atol=1e-4)
+    np.testing.assert_allclose(record["context"], context[0].numpy(), atol=1e-4)
 
 
 if __name__ == "__main__":
