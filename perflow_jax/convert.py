@@ -39,6 +39,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Dtype o
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  converted.check_output_dir(_OUT.value)
   start = time.perf_counter()
   bundle = pretrained.load_pretrained(
       _SRC.value, dtype=jnp.dtype(_DTYPE.value), prediction_type=_PREDICTION_TYPE.value,

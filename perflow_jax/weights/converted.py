@@ -27,11 +27,17 @@ PARAMS_DIR = "params"
 FORMAT_VERSION = 1
 
 
+def check_output_dir(out_dir: str) -> str:
+  """Raises unless `out_dir` is absent or empty (called before the long conversion, not after). Returns abspath."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    raise ValueError(f"output directory {out_dir} exists and is not empty; choose a new --out or empty it.")
+  return out_dir
+
+
 def save_converted(bundle: "pretrained.Pretrained", out_dir: str) -> str:
   """Writes `bundle` as a converted directory (which must not exist yet, or be empty). Returns its path."""
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and os.listdir(out_dir):
-    raise ValueError(f"output directory {out_dir} exists and is not empty; choose a new --out or empty it.")
+  out_dir = check_output_dir(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(out_dir, PARAMS_DIR), bundle.params())

@@ -219,7 +219,7 @@ def _resolve_prediction_type(family: str, scheduler: Mapping[str, Any], given: s
 
 
 def _read_single_file(path: str, *, allow_pickle: bool, config_path: str | None, tokenizer_path: str | None,
-                      extract_ema: bool) -> tuple[str, dict[str, Any], dict[str, Any], dict[str, str | None]]:
+                      extract_ema: bool, prediction_type: str | None) -> tuple[str, dict[str, Any], dict[str, Any], dict[str, str | None]]:
   ldm = io.read_state_dict(path, allow_pickle=allow_pickle)
   family = single_file.detect_family(ldm)
   if config_path is not None:
@@ -232,6 +232,8 @@ def _read_single_file(path: str, *, allow_pickle: bool, config_path: str | None,
           "it out to use the published configs.")
   else:
     configs = defaults.family_configs(family)
+  # Cheap checks first: a missing prediction type fails before any tensor is renamed.
+  _resolve_prediction_type(family, configs["scheduler"], prediction_type, True, path)
   sd2_layers = configs["text_encoder"].get("num_hidden_layers") if family == "sd2" else None
   _, comps = single_file.ldm_to_diffusers(ldm, family=family, extract_ema=extract_ema, sd2_text_layers=sd2_layers)
   missing = [c for c in configs if c != "scheduler" and c not in comps]
@@ -288,7 +290,7 @@ def load_pretrained(path: str, dtype: Any = jnp.float32, *, prediction_type: str
   elif os.path.isfile(path):
     family, configs, comps, tok_dirs = _read_single_file(
         path, allow_pickle=allow_pickle, config_path=config_path, tokenizer_path=tokenizer_path,
-        extract_ema=extract_ema)
+        extract_ema=extract_ema, prediction_type=prediction_type)
     fmt, from_file = "single_file", True
   else:
     raise ValueError(f"pretrained model {path} does not exist (expected a diffusers folder, a single-file "

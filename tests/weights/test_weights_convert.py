@@ -65,11 +65,17 @@ class ConvertTest(absltest.TestCase):
     ids = bundle.tokenizer(["a cat"], padding="max_length", max_length=77).input_ids[0]
     self.assertEqual(ids[:5], [wt.BOS, 27, 56, wt.EOS, 26])
 
-    # Without the flag the SD2 file is refused, naming the flag.
-    bad = subprocess.run(cmd[:-3] + [f"--tokenizer={self.folder}", f"--config_path={self.folder}"],
+    # Into a non-empty --out: refused before any work.
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    self.assertNotEqual(again.returncode, 0)
+    self.assertIn("exists and is not empty", again.stderr)
+    # With the published configs (no --config_path) nothing says what the SD2 UNet predicts: refused, naming the flag.
+    other = os.path.join(self.root, "converted_2")
+    bad = subprocess.run(cmd[:3] + [f"--src={self.file}", f"--out={other}", f"--tokenizer={self.folder}"],
                          env=env, capture_output=True, text=True, timeout=300, check=False)
     self.assertNotEqual(bad.returncode, 0)
     self.assertIn("--prediction_type", bad.stderr)
+    self.assertFalse(os.path.exists(os.path.join(other, pretrained.CONVERTED_MARKER)))
 
   def test_save_and_restore_sharded(self):
     out = os.path.join(self.root, "sharded")

@@ -1,6 +1,7 @@
 """load_pretrained on tiny perturbed SD1 / SD2 / SDXL models: diffusers folder == single file (bit-identical),
 float32 parity with the PyTorch models, export round trips, shardings, and the errors a user can cause."""
 
+import functools
 import os
 import shutil
 
@@ -125,7 +126,7 @@ class ParityTest(absltest.TestCase):
               "time_ids": np.tile(np.array([[64, 64, 0, 0, 64, 64]], np.float32), (batch, 1))}
       args.append(cond)
       kwargs["added_cond_kwargs"] = {k: torch.from_numpy(v) for k, v in cond.items()}
-    got = f.from_file.unet.apply({"params": f.from_file.unet_params}, *args)
+    got = jax.jit(f.from_file.unet.apply)({"params": f.from_file.unet_params}, *args)
     with torch.no_grad():
       want = f.torch["unet"](torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t), torch.from_numpy(ctx),
                              **kwargs).sample.permute(0, 2, 3, 1).numpy()
@@ -138,8 +139,9 @@ class ParityTest(absltest.TestCase):
     f = _family("sd1")
     self._unet(f)
     images = np.random.default_rng(1).uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32)
-    mean, logvar = f.from_file.vae.apply({"params": f.from_file.vae_params}, images, method="encode")
-    decoded = f.from_file.vae.apply({"params": f.from_file.vae_params}, mean, method="decode")
+    vae = lambda method: jax.jit(functools.partial(f.from_file.vae.apply, method=method))  # pylint: disable=unnecessary-lambda-assignment
+    mean, logvar = vae("encode")({"params": f.from_file.vae_params}, images)
+    decoded = vae("decode")({"params": f.from_file.vae_params}, mean)
     with torch.no_grad():
       dist = f.torch["vae"].encode(torch.from_numpy(images).permute(0, 3, 1, 2)).latent_dist
       want_dec = f.torch["vae"].decode(dist.mean).sample.permute(0, 2, 3, 1).numpy()
@@ -147,7 +149,7 @@ class ParityTest(absltest.TestCase):
     self.assertClose(logvar, dist.logvar.permute(0, 2, 3, 1).numpy(), "VAE logvar")
     self.assertClose(decoded, want_dec, "VAE decode")
     ids = self._ids(f.from_file.tokenizer)
-    got = f.from_file.text_encoder.apply({"params": f.from_file.text_params}, ids)
+    got = jax.jit(f.from_file.text_encoder.apply)({"params": f.from_file.text_params}, ids)
     with torch.no_grad():
       want = f.torch["text_encoder"](torch.from_numpy(ids)).last_hidden_state.numpy()
     self.assertClose(got, want, "CLIP last_hidden_state")
@@ -156,7 +158,7 @@ class ParityTest(absltest.TestCase):
     f = _family("sd2")
     self._unet(f, batch=1)
     ids = self._ids(f.from_file.tokenizer)
-    got = f.from_file.text_encoder.apply({"params": f.from_file.text_params}, ids)
+    got = jax.jit(f.from_file.text_encoder.apply)({"params": f.from_file.text_params}, ids)
     with torch.no_grad():
       want = f.torch["text_encoder"](torch.from_numpy(ids)).last_hidden_state.numpy()
     self.assertClose(got, want, "OpenCLIP (fused in_proj split) last_hidden_state")
@@ -165,8 +167,8 @@ class ParityTest(absltest.TestCase):
     f = _family("sdxl")
     self._unet(f, batch=1)
     ids = self._ids(f.from_file.tokenizer_2)
-    got = f.from_file.text_encoder_2.apply({"params": f.from_file.text_params_2}, ids, hidden_layer=-2,
-                                           method="encode")
+    encode = functools.partial(f.from_file.text_encoder_2.apply, hidden_layer=-2, method="encode")
+    got = jax.jit(encode)({"params": f.from_file.text_params_2}, ids)
     with torch.no_grad():
       want = f.torch["text_encoder_2"](torch.from_numpy(ids), output_hidden_states=True)
     self.assertClose(got["hidden"], want.hidden_states[-2].numpy(), "bigG penultimate hidden state")
