@@ -6,6 +6,8 @@ import numpy as np
 import torch
 
 from perflow_jax.weights import defaults
+from perflow_jax.weights import names
+from perflow_jax.weights import pretrained
 from perflow_jax.weights import single_file as sf
 from perflow_jax.weights.names import ConversionError
 import weights_testutil as wt
@@ -76,6 +78,10 @@ class FullSizeStructureTest(absltest.TestCase):
       for comp in want:
         self.assertEqual({k: v.shape for k, v in back[comp].items()}, {k: v.shape for k, v in want[comp].items()},
                          f"{family} {comp}")
+        # ... and land exactly on our Flax modules' trees (torch_to_flax raises on any missing/extra/mis-shaped).
+        module = pretrained.build_module(comp, defaults.family_configs(family)[comp])
+        tree, _ = pretrained.state_dict_to_params(comp, module, back[comp])
+        self.assertLen(names.flatten(tree), _COUNTS[family][comp], f"{family} {comp}")
 
   def test_reference_examples(self):
     """The worked examples of sd_models.md section 6."""
