@@ -161,6 +161,9 @@ def maybe_initialize_distributed(config: Any) -> bool:
   kwargs = distributed_args(distributed_config)
   if kwargs is None:
     return False
+  if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
+    # CPU processes exchange data over gloo; without it cross-process computations fail.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   logging.info("Initializing jax.distributed with %s", kwargs or "cluster auto-detection")
   jax.distributed.initialize(**kwargs)
   logging.info("jax.distributed ready: process %d of %d, %d local / %d global devices", jax.process_index(),
