@@ -106,6 +106,15 @@ class FolderAndSingleFileTest(absltest.TestCase):
     self.assertEqual(bundle.config["prediction_type"], "v_prediction")
     self.assertEqual(bundle.config["scheduler"]["prediction_type"], "v_prediction")
 
+  def test_bfloat16_params(self):
+    f = _family("sd1")
+    bundle = pretrained.load_pretrained(f.folder, dtype=jnp.bfloat16)
+    want = _flat(f.from_folder.text_params)
+    for path, leaf in _flat(bundle.text_params).items():
+      self.assertEqual(leaf.dtype, jnp.bfloat16)
+      np.testing.assert_array_equal(leaf, want[path].astype(jnp.bfloat16))
+    self.assertEqual(bundle.unet.dtype, jnp.bfloat16)
+
 
 class ParityTest(absltest.TestCase):
   """Loaded Flax models vs the PyTorch models they came from: full outputs, float32, HIGHEST precision."""
