@@ -300,11 +300,13 @@ def load_pretrained(path: str, dtype: Any = jnp.float32, *, prediction_type: str
   configs["scheduler"] = dict(configs["scheduler"], prediction_type=pred)
   needed = ["tokenizer"] + (["tokenizer_2"] if family == "sdxl" else [])
   for name in needed:
-    if tok_dirs.get(name) is None:
-      where = (f"pass tokenizer_path= (CLI: --tokenizer) pointing at a folder with vocab.json + merges.txt, or at a "
-               f"diffusers folder with {name}/" if from_file else f"add {name}/ (vocab.json + merges.txt) to {path}")
-      raise ValueError(f"no {name} for {path}: a single-file checkpoint holds no tokenizer; {where}."
-                       if from_file else f"{path} has no {name}/ folder; {where}.")
+    if tok_dirs.get(name) is not None:
+      continue
+    if from_file:
+      raise ValueError(f"no {name} for {path}: a single-file checkpoint holds no tokenizer. Pass tokenizer_path= "
+                       f"(CLI: --tokenizer) naming a folder with vocab.json + merges.txt, or a diffusers folder with "
+                       f"{name}/.")
+    raise ValueError(f"{path} has no {name}/ folder; add {name}/ (vocab.json + merges.txt) to it.")
 
   fields: dict[str, Any] = {}
   for comp in [c for c in configs if c != "scheduler"]:
