@@ -9,16 +9,19 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 
 from perflow_jax import flow
 from perflow_jax.data import tokenizer as tokenization
 
 
 def encode_prompts(text_encoder: Any, text_params: Any, tokenizer: Any, prompts: Sequence[str]) -> jax.Array:
-  """Prompts -> text context [N, 77, D] (the UNet's encoder_hidden_states)."""
+  """Prompts -> text context [N, 77, D] (the UNet's encoder_hidden_states).
+
+  Jitted with the ids as a host array, so with sharded params (and on several processes, where every process
+  passes the same prompts) the result is one global, replicated array.
+  """
   ids = tokenization.tokenize(tokenizer, list(prompts))
-  return text_encoder.apply({"params": text_params}, jnp.asarray(ids))
+  return jax.jit(text_encoder.apply)({"params": text_params}, ids)
 
 
 def unet_model_fn(unet: Any, params: Any) -> Callable[[jax.Array, jax.Array, Any], jax.Array]:

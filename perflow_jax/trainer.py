@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -82,19 +83,12 @@ def load_models(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> ModelSet:
                                 jax.random.fold_in(key, i))
   tokenizer_dir = mc.tokenizer
   if tokenizer_dir in ("", "procedural"):
-    tokenizer_dir = os.path.join(workdir, "tokenizer")
-    if jax.process_index() == 0 and not os.path.isdir(tokenizer_dir):
-      tokenization.write_tiny_clip_tokenizer(tokenizer_dir)
-    _barrier("tokenizer")
+    # Every process writes its own copy (same bytes, no cross-process barrier); process 0's is the run's record.
+    tokenizer_dir = os.path.join(workdir, "tokenizer") if jax.process_index() == 0 else tempfile.mkdtemp()
+    tokenization.write_tiny_clip_tokenizer(tokenizer_dir)
   return ModelSet(built["unet"], built["vae"], built["text_encoder"], tokenization.load_tokenizer(tokenizer_dir),
                   params["unet"], params["vae"], params["text_encoder"], models.abstract_params(built["unet"]),
                   float(mc.vae.get("scaling_factor", 0.18215)), mc.teacher_prediction_type or "epsilon")
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
 
 
 def _cast(tree: Any, dtype: Any) -> Any:
@@ -166,7 +160,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   batch = next(data_iter)
   batch_sh = jax.tree.map(lambda x: x.sharding, batch)
   frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
-  base_key = jax.device_put(jax.random.key(int(config.seed)), sh.replicated(mesh))
+  base_key = jax.jit(lambda: jax.random.key(int(config.seed)), out_shardings=sh.replicated(mesh))()
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, param_shardings, frozen_sh, batch_sh,
                                           sh.replicated(mesh)),
                    out_shardings=(state_shardings, param_shardings, sh.replicated(mesh)), donate_argnums=(0, 1))
@@ -224,7 +218,9 @@ class PeriodicSampler:
     self._uncond = empty_context
     latent = int(config.data.resolution) // 2 ** (len(m.vae.config.block_out_channels) - 1)
     channels = m.unet.config.in_channels
-    self._noise = jax.random.normal(jax.random.key(int(sc.seed)), (len(sc.prompts), latent, latent, channels))
+    # A host array: every process holds the same noise, and jit treats it as replicated.
+    self._noise = np.asarray(jax.random.normal(jax.random.key(int(sc.seed)),
+                                               (len(sc.prompts), latent, latent, channels)))
     self._prompts = list(sc.prompts)
     pf = config.perflow
 
