@@ -10,7 +10,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, diffusion=False, runlocal=False)
+  arg = common.parse_arg(arg, diffusion=False)
   config = common.perflow_config(total_steps=30, log_every=5, checkpoint_every=10, keep_checkpoints=2)
   config.objective = "diffusion" if arg.diffusion else "perflow"
   config.model = common.tiny_model()

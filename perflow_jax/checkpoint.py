@@ -262,3 +262,28 @@ def saved_config(workdir: str | epath.PathLike, step: int | None = None) -> Mapp
     return None if step is None else restore_config(manager, step)
   finally:
     manager.close()
+
+
+def restore_ema_params(workdir: str | epath.PathLike, abstract_ema: Any, step: int | None = None) -> Any:
+  """The EMA params of another run's checkpoint (default: its newest), placed into ``abstract_ema``'s shardings.
+
+  Used to start a student from an earlier run (``config.model.init_from``) without taking over its optimizer
+  state or step count.
+  """
+  directory = checkpoint_dir(workdir)
+  if not directory.exists():
+    raise ValueError(f"config.model.init_from={str(workdir)!r} has no checkpoints/ directory; pass the workdir of a "
+                     "run that has saved a checkpoint.")
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_names=ITEMS, item_handlers={"ema": ocp.StandardCheckpointHandler()})
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise ValueError(f"{directory} holds no checkpoint to initialise the student from (config.model.init_from).")
+    try:
+      return manager.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(abstract_ema)))["ema"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"the EMA weights of step {step} in {directory} do not fit this run's UNet ({type(e).__name__}: "
+                       f"{str(e)[:500]}). config.model.init_from must be a run of the same architecture.") from e
+  finally:
+    manager.close()

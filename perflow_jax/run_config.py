@@ -35,6 +35,7 @@ def perflow_config(**base_overrides: Any) -> ml_collections.ConfigDict:
   config.model.teacher_dtype = "float32"  # storage/compute dtype of the frozen teacher
   config.model.remat = False  # rematerialise UNet blocks in the backward pass
   config.model.init_seed = 0  # random init only
+  config.model.init_from = ""  # a workdir: start the student from its EMA weights ('' = from the teacher)
   config.model.unet = ml_collections.ConfigDict()  # diffusers-style configs, random init only
   config.model.vae = ml_collections.ConfigDict()
   config.model.text_encoder = ml_collections.ConfigDict()
@@ -80,7 +81,7 @@ def perflow_config(**base_overrides: Any) -> ml_collections.ConfigDict:
 RUN_SCHEMA = config_lib.training_schema(
     objective=str,
     model={"pretrained": str, "tokenizer": str, "teacher_prediction_type": str, "dtype": str, "teacher_dtype": str,
-           "remat": bool, "init_seed": int, "unet": Any, "vae": Any, "text_encoder": Any},
+           "remat": bool, "init_seed": int, "init_from": str, "unet": Any, "vae": Any, "text_encoder": Any},
     perflow={"num_windows": int, "solver": str, "solver_steps": int, "teacher_guidance": str,
              "teacher_guidance_scale": float, "prediction_type": str, "t_grid": int, "prompt_dropout": float,
              "weighting": str, "distance": str},
@@ -131,9 +132,10 @@ def validate_run_config(config: Any) -> None:
     raise ValueError(f"config.data.batch_size={config.data.batch_size} must be a multiple of "
                      f"config.optim.grad_accum_steps={opt.grad_accum_steps}.")
   if not mc.pretrained and not (mc.unet and mc.vae and mc.text_encoder):
-    raise ValueError("config.model.pretrained is empty, so the model is initialised at random: set "
-                     "config.model.unet, .vae and .text_encoder (diffusers-style config dicts), or give a "
-                     "pretrained model path.")
+    raise ValueError("config.model.pretrained is empty: pass the teacher with --config.model.pretrained=PATH (a "
+                     "diffusers folder, a single-file checkpoint or a `perflow_jax.convert` directory), or set "
+                     "config.model.unet, .vae and .text_encoder (diffusers-style config dicts) to start from a "
+                     "random initialisation.")
   if config.sample_every and any(n < pf.num_windows for n in config.sample.num_steps):
     raise ValueError(f"config.sample.num_steps={tuple(config.sample.num_steps)}: PeRFlow needs at least "
                      f"num_windows={pf.num_windows} steps (one per window).")

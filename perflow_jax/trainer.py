@@ -124,37 +124,41 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   sh.assert_sufficiently_sharded(sh.with_shardings(m.unet_abstract, param_shardings), mesh,
                                  float(config.sharding.max_replicated_fraction))
   empty_context = sampling.encode_prompts(m.text_encoder, m.text_params, m.tokenizer, [""])
-  teacher_dtype = DTYPES[config.model.teacher_dtype]
-  frozen = {"teacher": _cast(m.unet_params, teacher_dtype), "empty_context": empty_context}
+  frozen = {"empty_context": empty_context}
+  if config.objective == "perflow":  # the diffusion objective has no teacher
+    frozen["teacher"] = _cast(m.unet_params, DTYPES[config.model.teacher_dtype])
   from_cache = config.data.source == "cache"
   if not from_cache:
     frozen.update(vae=m.vae_params, text=m.text_params)
 
-  # --- train state: student = teacher copy (float32 master weights), optimizer, EMA -----------------------------
+  # --- train state: student (float32 master weights), optimizer, EMA; restored, or created sharded --------------
   optimizer = ts.make_optimizer(config.optim)
   abstract_opt = jax.eval_shape(optimizer.init, m.unet_abstract)
   state_shardings = ts.TrainState(step=sh.replicated(mesh), params=param_shardings,
                                   opt_state=sh.logical_to_shardings(abstract_opt, mesh, rules, fallback))
   init_state = jax.jit(lambda p: ts.init_train_state(_cast(p, jnp.float32), optimizer),
                        out_shardings=(state_shardings, param_shardings))
-  state, ema_params = init_state(m.unet_params)
-
-  # --- input ------------------------------------------------------------------------------------------------------
-  data_iter = pipeline.make_train_iterator(config.data, mesh, m.tokenizer, seed=int(config.data.shuffle_seed))
-
-  # --- resume -----------------------------------------------------------------------------------------------------
+  abstract_state, abstract_ema = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      jax.eval_shape(init_state, m.unet_params), (state_shardings, param_shardings))
+  data_iter = pipeline.make_train_iterator(config.data, mesh, m.tokenizer, seed=int(config.data.shuffle_seed),
+                                           sharding=sh.batch_sharding(mesh, rules))
   manager = checkpoint.make_checkpoint_manager(workdir, config)
   preempted = checkpoint.install_sigterm_handler()
-  restored = checkpoint.restore_checkpoint(
-      manager, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state),
-      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), ema_params),
-      data_iterator=data_iter)
+  restored = checkpoint.restore_checkpoint(manager, abstract_state, abstract_ema, data_iterator=data_iter)
   if restored is not None:
     state, ema_params = restored.state, restored.ema
     logging.info("Resumed from step %d.", restored.step)
+  else:
+    start = m.unet_params  # the student starts as the teacher ...
+    if config.model.init_from:  # ... or as the EMA weights of another run
+      start = checkpoint.restore_ema_params(config.model.init_from, abstract_ema)
+      logging.info("Student initialised from the EMA weights in %s.", config.model.init_from)
+    state, ema_params = init_state(start)
 
   # --- the step, compiled ahead of time ---------------------------------------------------------------------------
-  objective = ts.OBJECTIVES[config.objective](config, m.unet, m.teacher_prediction_type)
+  student_unet = m.unet.clone(remat=bool(config.model.remat))  # remat matters only where gradients flow
+  objective = ts.OBJECTIVES[config.objective](config, student_unet, m.teacher_prediction_type)
   step_fn = ts.make_train_step(
       config, ts.make_encode_fn(m.vae, m.text_encoder, m.scaling_factor, from_cache), objective, optimizer)
   batch = next(data_iter)
@@ -177,32 +181,34 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   ckpt_dir = str(checkpoint.checkpoint_dir(workdir))
   last: dict[str, float] = {"compile_s": compile_s}
   t_last, steps_since = time.perf_counter(), 0
-  for step in range(first + 1, total + 1):
-    if step > first + 1:
-      batch = next(data_iter)
-    with jax.transfer_guard("disallow"):
-      state, ema_params, step_metrics = compiled(state, ema_params, frozen, batch, base_key)
-    steps_since += 1
-    stop = preempted(step)
-    save_now = stop or step == total or step % int(config.checkpoint_every) == 0
-    if save_now or step % int(config.log_every) == 0:
-      values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-      # Never save a non-finite state over the last good checkpoint.
-      metrics_lib.check_finite(step, values["loss"], manager.latest_step(), ckpt_dir)
-      dt = time.perf_counter() - t_last
-      values["examples_per_s"] = steps_since * int(config.data.batch_size) / dt
-      if step % int(config.log_every) == 0 or step == total:
-        writer.write_scalars(step, values)
-      last.update(values)
-      t_last, steps_since = time.perf_counter(), 0
-    if sampler is not None and step % int(config.sample_every) == 0:
-      sampler.write(writer, workdir, step, ema_params)
-    checkpoint.save_checkpoint(manager, step, state, ema_params, config, data_iter, force=stop or step == total)
-    if stop:
-      logging.warning("Preempted: checkpoint saved at step %d; exiting.", step)
-      break
-  checkpoint.close(manager)
-  writer.close()
+  try:
+    for step in range(first + 1, total + 1):
+      if step > first + 1:
+        batch = next(data_iter)
+      with jax.transfer_guard("disallow"):
+        state, ema_params, step_metrics = compiled(state, ema_params, frozen, batch, base_key)
+      steps_since += 1
+      stop = preempted(step)
+      save_now = stop or step == total or step % int(config.checkpoint_every) == 0
+      if save_now or step % int(config.log_every) == 0:
+        values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        # Never save a non-finite state over the last good checkpoint.
+        metrics_lib.check_finite(step, values["loss"], manager.latest_step(), ckpt_dir)
+        dt = time.perf_counter() - t_last
+        values["examples_per_s"] = steps_since * int(config.data.batch_size) / dt
+        if step % int(config.log_every) == 0 or step == total:
+          writer.write_scalars(step, values)
+        last.update(values)
+        t_last, steps_since = time.perf_counter(), 0
+      if sampler is not None and step % int(config.sample_every) == 0:
+        sampler.write(writer, workdir, step, ema_params)
+      checkpoint.save_checkpoint(manager, step, state, ema_params, config, data_iter, force=stop or step == total)
+      if stop:
+        logging.warning("Preempted: checkpoint saved at step %d; exiting.", step)
+        break
+  finally:  # also on an error: pending async saves commit, so the last good checkpoint is on disk
+    checkpoint.close(manager)
+    writer.close()
   return last
 
 
