@@ -102,7 +102,7 @@ def _choice(value: str, allowed: tuple[str, ...], name: str) -> None:
 def validate_run_config(config: Any) -> None:
   """Rejects unknown/missing fields and inconsistent values before anything starts; names the field and fix."""
   config_lib.validate(config, RUN_SCHEMA)
-  pipeline._check_config(config.data)  # pylint: disable=protected-access
+  pipeline.check_data_config(config.data)
   _choice(config.objective, OBJECTIVES, "objective")
   pf, mc, opt = config.perflow, config.model, config.optim
   _choice(pf.prediction_type, STUDENT_PREDICTION_TYPES, "perflow.prediction_type")

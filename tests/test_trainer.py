@@ -10,25 +10,12 @@ import time
 from absl.testing import absltest
 import numpy as np
 
-from configs import tiny
-from perflow_jax import metrics
 from perflow_jax import trainer
+from trainer_testutil import losses
+from trainer_testutil import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
-
-
-def tiny_config(data: int, fsdp: int, total_steps: int = STEPS):
-  config = tiny.get_config()
-  config.total_steps = total_steps
-  config.log_every = 1
-  config.checkpoint_every = 4
-  config.mesh.data, config.mesh.fsdp = data, fsdp
-  return config
-
-
-def losses(workdir: str) -> dict[int, float]:
-  return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir)}
 
 
 def committed_steps(workdir: str) -> list[int]:
@@ -45,7 +32,7 @@ class TrainerTest(absltest.TestCase):
     super().setUpClass()
     cls.root = tempfile.mkdtemp()
     cls.base_dir = os.path.join(cls.root, "data8")
-    cls.base = trainer.train(tiny_config(8, 1), cls.base_dir)
+    cls.base = trainer.train(tiny_config(STEPS, 8, 1, checkpoint_every=4), cls.base_dir)
     cls.base_losses = losses(cls.base_dir)
 
   def test_writes_the_workdir_layout(self):
@@ -61,7 +48,7 @@ class TrainerTest(absltest.TestCase):
 
   def test_meshes_agree(self):
     workdir = os.path.join(self.root, "data2_fsdp4")
-    trainer.train(tiny_config(2, 4, total_steps=4), workdir)
+    trainer.train(tiny_config(4, 2, 4), workdir)
     other = losses(workdir)
     for step in range(1, 5):
       np.testing.assert_allclose(other[step], self.base_losses[step], rtol=1e-4, err_msg=f"step {step}")

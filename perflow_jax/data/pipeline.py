@@ -22,12 +22,12 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from perflow_jax.data import sources
+from perflow_jax.parallel import sharding as sharding_lib
 from perflow_jax.data import transforms
 
-BATCH_AXES = ("data", "fsdp")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -53,7 +53,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _check_config(config_data: Any) -> None:
+def check_data_config(config_data: Any) -> None:
+  """Rejects unknown ``config.data`` fields (the trainer calls it before anything starts)."""
   unknown = set(config_data.keys()) - set(default_data_config().keys())
   if unknown:
     raise ValueError(f"unknown config.data fields {sorted(unknown)}; known fields are "
@@ -90,7 +91,7 @@ def make_host_loader(config_data: Any, tokenizer: Any, *, batch_size: int, proce
   remainder that does not divide is dropped so every process runs the same number of steps). ``seed``
   overrides ``config_data.shuffle_seed``; ``source`` overrides the one ``config_data`` names.
   """
-  _check_config(config_data)
+  check_data_config(config_data)
   if batch_size <= 0 or batch_size % process_count:
     raise ValueError(f"global batch size {batch_size} must be a positive multiple of the process count "
                      f"{process_count}")
@@ -119,9 +120,8 @@ def make_host_loader(config_data: Any, tokenizer: Any, *, batch_size: int, proce
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batch dimension over the mesh's ('data', 'fsdp') axes (those present), the rest replicated."""
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-  return NamedSharding(mesh, PartitionSpec(axes if axes else None))
+  """The default batch sharding: the leading dimension over the mesh's ('data', 'fsdp') axes."""
+  return sharding_lib.batch_sharding(mesh)
 
 
 def to_global_batch(host_batch: dict[str, np.ndarray], sharding: NamedSharding,
