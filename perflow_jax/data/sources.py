@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from etils import epath
 import tensorflow_datasets as tfds
 
 from perflow_jax.data import procedural
@@ -47,18 +48,39 @@ def _feature_keys(features: Any, prefix: str = "") -> list[str]:
 
 
 def convert_to_array_record(builder: Any) -> None:
-  """Converts a prepared tfrecord-format tfds dataset to array_record in place (needs TensorFlow)."""
+  """Adds array_record copies of a prepared tfrecord-format tfds dataset's shards, in place (needs TensorFlow).
+
+  Each ``*.tfrecord-XXXXX-of-YYYYY`` shard is copied record for record (the serialized examples are the same
+  bytes in both formats) to ``*.array_record-XXXXX-of-YYYYY``, written to a temporary name and renamed when
+  complete; then array_record is listed in dataset_info.json as an alternative format, which
+  ``builder.as_data_source`` picks. tfds' own converter needs Apache Beam; this needs only TensorFlow.
+  """
   try:
-    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(
         f"tfds dataset {builder.name!r} at {builder.data_dir} is stored as tfrecord, which grain cannot read "
         "directly; converting it to array_record needs TensorFlow: pip install 'perflow_jax[tf]' "
         "(or convert it elsewhere with `tfds convert_format --out_file_format=array_record`)") from e
-  from tensorflow_datasets.scripts.cli import convert_format_utils  # pylint: disable=g-import-not-at-top
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
 
-  convert_format_utils.convert_dataset(out_dir=None, out_file_format="array_record",
-                                       dataset_version_dir=builder.data_dir, num_workers=1)
+  data_dir = epath.Path(builder.data_dir)
+  shards = sorted(p for p in data_dir.iterdir() if ".tfrecord-" in p.name)
+  if not shards:
+    raise ValueError(f"tfds dataset {builder.name!r} at {data_dir} lists no array_record files and has no "
+                     "tfrecord shards to convert; rebuild it.")
+  for shard in shards:
+    out = data_dir / shard.name.replace(".tfrecord-", ".array_record-")
+    if out.exists():
+      continue
+    tmp = out.parent / (out.name + ".incomplete")
+    writer = array_record_module.ArrayRecordWriter(os.fspath(tmp), "group_size:1")
+    for record in tf.data.TFRecordDataset(os.fspath(shard)).as_numpy_iterator():
+      writer.write(record)
+    writer.close()
+    tmp.rename(out)
+  builder.info.add_alternative_file_format("array_record")
+  builder.info.write_to_directory(data_dir)
 
 
 def tfds_builder(name: str, data_dir: str | None):
