@@ -9,9 +9,12 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from perflow_jax import flow
 from perflow_jax.data import tokenizer as tokenization
+from perflow_jax.flow import schedule, solvers
 
 
 def encode_prompts(text_encoder: Any, text_params: Any, tokenizer: Any, prompts: Sequence[str]) -> jax.Array:
@@ -41,3 +44,58 @@ def perflow_sample(unet: Any, params: Any, noise: jax.Array, context: jax.Array,
 def decode_latents(vae: Any, vae_params: Any, latents: jax.Array, scaling_factor: float) -> jax.Array:
   """Scaled latents [B,h,w,c] -> images [B,H,W,3] in [-1, 1] (unclipped)."""
   return vae.apply({"params": vae_params}, latents / scaling_factor, method=vae.decode)
+
+
+def ddim_leading_timesteps(num_steps: int, num_train_timesteps: int = 1000, steps_offset: int = 1) -> np.ndarray:
+  """diffusers DDIMScheduler's 'leading' timesteps, noisiest first: N = 4 -> [751, 501, 251, 1] (SD's config)."""
+  if isinstance(num_steps, bool) or int(num_steps) != num_steps or not 1 <= num_steps <= num_train_timesteps:
+    raise ValueError(f"DDIM num_steps must be an integer in [1, {num_train_timesteps}], got {num_steps!r}.")
+  ratio = num_train_timesteps // int(num_steps)
+  return (np.arange(int(num_steps))[::-1] * ratio + steps_offset).astype(np.int64)
+
+
+def ddim_sample(unet: Any, params: Any, noise: jax.Array, context: jax.Array, uncond_context: jax.Array,
+                num_steps: int, guidance_scale: float, prediction_type: str = "epsilon",
+                alphas_cumprod: np.ndarray | None = None, steps_offset: int = 1) -> jax.Array:
+  """The teacher's deterministic DDIM (eta = 0) from `noise` [B,h,w,c] to latents, CFG batched in one call.
+
+  Matches diffusers' DDIMScheduler with SD's scheduler config: 'leading' spacing with `steps_offset`,
+  set_alpha_to_one=False (the last step lands on alphas_cumprod[0]), no sample clipping. The guided output
+  uncond + w (cond - uncond) is turned into eps (v_prediction teachers: eps = sqrt(ab) v + sqrt(1-ab) z).
+
+  Args:
+    unet, params: the teacher (or any diffusion-trained) UNet and its params.
+    noise: [B,h,w,c] standard normal latents (DDIM's init_noise_sigma is 1).
+    context: [B,L,D] prompt embeddings; uncond_context: [1 or B,L,D] the negative/empty-prompt embedding.
+    num_steps: any N in [1, 1000].
+    guidance_scale: w; the Python number 1.0 skips the unconditional half.
+    prediction_type: the UNet's, 'epsilon' or 'v_prediction'.
+    alphas_cumprod: [n] schedule (SD's scaled_linear by default).
+    steps_offset: added to every timestep (1 in SD's scheduler config).
+
+  Returns:
+    [B,h,w,c] float32 latents at alpha_bar = alphas_cumprod[0].
+  """
+  ac_np = schedule.sd_alphas_cumprod() if alphas_cumprod is None else np.asarray(alphas_cumprod)
+  timesteps = ddim_leading_timesteps(num_steps, ac_np.size, steps_offset)
+  prev = timesteps - ac_np.size // int(num_steps)
+  ac = np.asarray(ac_np, np.float32)
+  ab_cur = jnp.asarray(ac[timesteps])
+  ab_prev = jnp.asarray(np.where(prev >= 0, ac[np.clip(prev, 0, None)], ac[0]))
+  t_model = jnp.asarray(timesteps, jnp.float32)
+  model_fn = unet_model_fn(unet, params)
+  plain = isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0
+  batch = noise.shape[0]
+
+  def body(i, z):
+    t = jnp.full((batch,), t_model[i], jnp.float32)
+    if plain:
+      out = model_fn(z, t, context).astype(jnp.float32)
+    else:
+      out = solvers.guided_model_output(model_fn, z, t, context, uncond_context, guidance_scale)
+    eps = solvers.to_epsilon(out, z, ab_cur[i], prediction_type)
+    x0 = (z - jnp.sqrt(1.0 - ab_cur[i]) * eps) / jnp.sqrt(ab_cur[i])
+    return jnp.sqrt(ab_prev[i]) * x0 + jnp.sqrt(1.0 - ab_prev[i]) * eps
+
+  return jax.lax.fori_loop(0, len(timesteps), body, noise.astype(jnp.float32))
+

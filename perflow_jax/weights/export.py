@@ -3,10 +3,15 @@
 The inverse of loading: `export_*_state_dict(params)` gives a dict that `load_state_dict(strict=True)` accepts on
 the matching diffusers/transformers model, and `params_from_state_dict` turns it back into the identical tree.
 `write_single_file` writes an original-LDM-named single .safetensors file (the layout other tools load).
+PeRFlow delta weights: `delta_state_dict` (student - base), `merge_delta` (the reference's merge) and
+`write_unet_folder` (a merged UNet that diffusers' `from_pretrained` loads).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -82,3 +87,99 @@ def write_single_file(path: str, params: Mapping[str, Mapping[str, Any]], family
     raise ValueError(f"single-file export writes safetensors; give a path ending in .safetensors, not {path}.")
   comps = {c: export_state_dict(c, p, dtype) for c, p in params.items()}
   io.write_safetensors(path, single_file.diffusers_to_ldm(comps, family), metadata={"format": "pt"})
+
+
+# ------------------------------------------------------------------------------------ PeRFlow delta weights
+
+
+class DeltaMismatchError(names.ConversionError):
+  """A delta's keys or shapes do not match the base UNet's: the message lists them."""
+
+
+def _key_report(base: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray], what: str) -> dict[str, list[str]]:
+  """{'missing': keys of base absent from other, 'unexpected': the reverse, 'shape': keys whose shapes differ}."""
+  shape = [f"{k} (base {tuple(base[k].shape)} vs {what} {tuple(other[k].shape)})"
+           for k in sorted(set(base) & set(other)) if tuple(base[k].shape) != tuple(other[k].shape)]
+  return {"missing": sorted(set(base) - set(other)), "unexpected": sorted(set(other) - set(base)), "shape": shape}
+
+
+def _format_report(report: Mapping[str, list[str]], what: str, limit: int = 40) -> str:
+  parts = []
+  for kind, label in (("missing", f"in the base but not in the {what}"),
+                      ("unexpected", f"in the {what} but not in the base"), ("shape", "with different shapes")):
+    keys = report[kind]
+    if keys:
+      shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+      parts.append(f"{len(keys)} key(s) {label}: {shown}")
+  return "; ".join(parts)
+
+
+def delta_state_dict(student: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray],
+                     dtype: Any = np.float16) -> dict[str, np.ndarray]:
+  """PeRFlow delta weights dW = student - base for every UNet tensor (diffusers names), computed in float32.
+
+  Args:
+    student, base: diffusers UNet2DConditionModel state dicts with the same keys and shapes.
+    dtype: stored dtype of dW (float16 as the released delta weights; float32 on request).
+
+  Raises:
+    DeltaMismatchError: listing every key that is missing, unexpected or mis-shaped.
+  """
+  report = _key_report(base, student, "student")
+  if any(report.values()):
+    raise DeltaMismatchError(f"the student and base UNets differ: {_format_report(report, 'student')}.")
+  return {k: (np.asarray(student[k], np.float32) - np.asarray(base[k], np.float32)).astype(dtype) for k in base}
+
+
+def merge_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray],
+                keep_mismatched: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
+  """Merges delta weights into a base UNet state dict as the reference does: (W_base as dW's dtype + dW) cast back.
+
+  Args:
+    base: diffusers-named UNet state dict of any SD1.5-family model.
+    delta: dW in the same naming (e.g. from `delta_state_dict` or a released delta_weights.safetensors).
+    keep_mismatched: keep the base weight for every key the delta lacks or gives another shape (multiview UNets);
+      delta keys the base lacks are then ignored. Otherwise any mismatch is an error.
+
+  Returns:
+    (merged state dict with the base's dtypes, the sorted list of base keys kept unmerged).
+
+  Raises:
+    DeltaMismatchError: a mismatch without keep_mismatched, listing the keys.
+  """
+  report = _key_report(base, delta, "delta")
+  if any(report.values()) and not keep_mismatched:
+    raise DeltaMismatchError(f"the delta does not fit the base UNet: {_format_report(report, 'delta')}. Use a "
+                             "base of the delta's architecture, or pass keep_mismatched (CLI: --keep_mismatched) "
+                             "to keep the base weight for these keys.")
+  merged, kept = {}, []
+  for k, w in base.items():
+    w = np.asarray(w)
+    d = delta.get(k)
+    if d is None or tuple(d.shape) != tuple(w.shape):
+      merged[k] = w
+      kept.append(k)
+      continue
+    d = np.asarray(d)
+    merged[k] = (w.astype(d.dtype) + d).astype(w.dtype)
+  return merged, sorted(kept)
+
+
+def unet_diffusers_config(unet: nn.Module) -> dict[str, Any]:
+  """The diffusers UNet2DConditionModel config.json dict of our UNet module (its UNetConfig fields + class)."""
+  fields = dataclasses.asdict(unet.config)
+  fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in fields.items()}
+  return {"_class_name": "UNet2DConditionModel", **fields}
+
+
+def write_unet_folder(out_dir: str, unet: nn.Module, params: Mapping[str, Any], dtype: Any = np.float32) -> str:
+  """Writes a diffusers-layout UNet folder (config.json + diffusion_pytorch_model.safetensors).
+
+  `diffusers.UNet2DConditionModel.from_pretrained(out_dir)` loads it. Returns out_dir.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(unet_diffusers_config(unet), f, indent=2)
+  io.write_safetensors(os.path.join(out_dir, "diffusion_pytorch_model" + io.SAFETENSORS_SUFFIX),
+                       export_unet_state_dict(params, dtype), metadata={"format": "pt"})
+  return out_dir

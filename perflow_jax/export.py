@@ -1,0 +1,169 @@
+r"""Exports a trained PeRFlow student for PyTorch: delta weights or a merged diffusers UNet folder.
+
+  python -m perflow_jax.export --workdir=DIR --out=delta_weights.safetensors --format=delta [--dtype=float16]
+  python -m perflow_jax.export --workdir=DIR --out=unet_dir --format=unet [--dtype=float32] [--weights=student]
+
+`delta`: dW = student - teacher for every UNet tensor, diffusers key names, one .safetensors file: the format of
+the released PeRFlow delta weights (float16 by default). Merge it into any SD1.5-family base with
+`python -m perflow_jax.sample --pretrained=BASE --delta=FILE` (JAX) or `weights.export.merge_delta` (any state
+dict). `unet`: config.json + diffusion_pytorch_model.safetensors that `UNet2DConditionModel.from_pretrained`
+loads; run it with `perflow_jax.torch_scheduler.PeRFlowTorchScheduler` (the same prediction type and windows).
+
+`load_run` (the teacher, the student or EMA weights of a run, and its modules) is shared with the sample CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from perflow_jax import checkpoint
+from perflow_jax import config_lib
+from perflow_jax import train_step as ts
+from perflow_jax import trainer
+from perflow_jax.parallel import mesh as mesh_lib
+from perflow_jax.parallel import sharding as sh
+from perflow_jax.weights import export as wexport
+from perflow_jax.weights import io
+
+WEIGHTS = ("ema", "student", "teacher")
+FORMATS = ("delta", "unet")
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A trained run: its config, modules, teacher params and the chosen UNet weights (all sharded on `mesh`)."""
+  config: Any
+  models: trainer.ModelSet
+  params: Any  # the chosen UNet weights (EMA, student or teacher)
+  weights: str
+  step: int
+  mesh: jax.sharding.Mesh
+
+
+def _latest_step(workdir: str) -> int:
+  directory = checkpoint.checkpoint_dir(workdir)
+  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+  if not steps:
+    raise ValueError(f"{workdir} has no checkpoint (no step folder in {directory}); pass the workdir of a run that "
+                     "has saved one, or use --weights=teacher.")
+  return steps[-1]
+
+
+def load_run(workdir: str, weights: str = "ema", step: int | None = None) -> Run:
+  """Rebuilds a run's modules and teacher from its config.json and restores the chosen UNet weights.
+
+  The mesh is ('data' 1, 'fsdp' all local devices) with the run's sharding rules, so a run trained on a pod
+  loads on one host for sampling or export.
+
+  Args:
+    workdir: the run's directory (config.json, checkpoints/).
+    weights: 'ema' (the EMA student, what sampling should use), 'student' (the raw trained params) or 'teacher'.
+    step: checkpoint step (default: the newest).
+
+  Raises:
+    ValueError: unknown weights, a missing config.json or checkpoint.
+  """
+  if weights not in WEIGHTS:
+    raise ValueError(f"weights={weights!r} is not one of {WEIGHTS}.")
+  config = config_lib.load_config_json(workdir)
+  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": -1})
+  rules, fallback = sh.rules_from_config(config), bool(config.sharding.fallback_to_largest)
+  m = trainer.load_models(config, workdir, mesh)
+  if weights == "teacher":
+    return Run(config, m, m.unet_params, weights, 0, mesh)
+  step = _latest_step(workdir) if step is None else int(step)
+  param_shardings = sh.logical_to_shardings(m.unet_abstract, mesh, rules, fallback)
+  abstract_params = sh.with_shardings(m.unet_abstract, param_shardings)
+  if weights == "ema":
+    params = checkpoint.restore_ema_params(workdir, abstract_params, step)
+  else:
+    optimizer = ts.make_optimizer(config.optim)
+    plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), sh.unbox(m.unet_abstract))
+    opt_shardings = sh.logical_to_shardings(jax.eval_shape(optimizer.init, m.unet_abstract), mesh, rules, fallback)
+    shardings = ts.TrainState(step=sh.replicated(mesh), params=param_shardings, opt_state=opt_shardings)
+    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  jax.eval_shape(lambda p: ts.init_train_state(p, optimizer)[0], plain), shardings)
+    params = _restore_state(workdir, abstract_state, step).params
+  return Run(config, m, params, weights, step, mesh)
+
+
+def _restore_state(workdir: str, abstract_state: Any, step: int) -> Any:
+  """The 'state' item (TrainState) of checkpoint `step`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  manager = ocp.CheckpointManager(checkpoint.checkpoint_dir(workdir),
+                                  options=ocp.CheckpointManagerOptions(read_only=True), item_names=checkpoint.ITEMS)
+  try:
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+  finally:
+    manager.close()
+
+
+def export_run(workdir: str, out: str, fmt: str = "delta", dtype: str | None = None, weights: str = "ema") -> str:
+  """Writes a run's student as delta weights (a .safetensors file) or a merged diffusers UNet folder.
+
+  Args:
+    workdir: the run.
+    out: a .safetensors path (delta) or a folder (unet; must not exist or be empty).
+    fmt: 'delta' | 'unet'.
+    dtype: 'float16' | 'float32' (default: float16 for delta, float32 for unet).
+    weights: 'ema' | 'student'.
+
+  Returns:
+    out.
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f"--format={fmt!r} is not one of {FORMATS}.")
+  if weights not in ("ema", "student"):
+    raise ValueError(f"--weights={weights!r}: export takes 'ema' or 'student' (the teacher has no delta).")
+  dtype = dtype or ("float16" if fmt == "delta" else "float32")
+  if dtype not in DTYPES:
+    raise ValueError(f"--dtype={dtype!r} is not one of {tuple(DTYPES)}.")
+  if fmt == "delta" and not out.endswith(io.SAFETENSORS_SUFFIX):
+    raise ValueError(f"--format=delta writes one safetensors file; give --out ending in .safetensors, not {out}.")
+  if fmt == "unet" and os.path.isdir(out) and os.listdir(out):
+    raise ValueError(f"--out={out} exists and is not empty; give a new folder for the UNet.")
+  run = load_run(workdir, weights)
+  if fmt == "unet":
+    wexport.write_unet_folder(out, run.models.unet, run.params, DTYPES[dtype])
+    return out
+  student = wexport.export_unet_state_dict(run.params, np.float32)
+  teacher = wexport.export_unet_state_dict(run.models.unet_params, np.float32)
+  delta = wexport.delta_state_dict(student, teacher, DTYPES[dtype])
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  io.write_safetensors(out, delta, metadata={
+      "format": "pt", "perflow_jax": "delta_weights", "step": str(run.step), "weights": weights,
+      "prediction_type": str(run.config.perflow.prediction_type),
+      "num_windows": str(run.config.perflow.num_windows)})
+  return out
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
+_OUT = flags.DEFINE_string("out", None, "Output: a .safetensors file (--format=delta) or a new folder (unet).")
+_FORMAT = flags.DEFINE_enum("format", "delta", list(FORMATS),
+                            "delta: dW = student - teacher (PeRFlow delta weights); unet: merged diffusers folder.")
+_DTYPE = flags.DEFINE_enum("dtype", None, list(DTYPES), "Stored dtype (default: float16 delta, float32 unet).")
+_WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "student"], "Which student weights to export.")
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _WORKDIR.value or not _OUT.value:
+    raise app.UsageError("--workdir and --out are required.")
+  out = export_run(_WORKDIR.value, _OUT.value, _FORMAT.value, _DTYPE.value, _WEIGHTS.value)
+  logging.info("Exported %s (%s weights) of %s", _FORMAT.value, _WEIGHTS.value, _WORKDIR.value)
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

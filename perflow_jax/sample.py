@@ -1,0 +1,258 @@
+r"""Samples images from a PeRFlow run or a pretrained model (plus optional delta weights), in JAX.
+
+  python -m perflow_jax.sample --workdir=DIR --prompt="a red circle" --num_steps=4 --guidance_scale=4.5 \
+      --out=samples/ [--npz=samples.npz] [--sampler=perflow|ddim] [--weights=ema|student|teacher]
+  python -m perflow_jax.sample --pretrained=SD15_DIR_OR_FILE --delta=delta_weights.safetensors \
+      --prompts_file=prompts.txt --num_steps=8 --guidance_scale=7.5 --out=samples/
+
+Samplers: `perflow` (PeRFlowScheduler, N >= K steps) and `ddim` (the teacher's deterministic DDIM, any N, SD's
+'leading' spacing with steps_offset 1). Image i (prompt i // num_images) starts from the noise of
+fold_in(key(seed), i) whatever the batch size, so samplers and step counts compare image for image. The whole
+loop (CFG batched: uncond and cond in one UNet call) and the VAE decode are one jit-compiled program per
+(sampler, N, guidance scale).
+
+Writes out/NNNN.png per image, out/grid.png (labelled "sampler-N: prompt") and, with --npz, `images` uint8
+[M, H, W, 3], `latents` float32 [M, h, w, c] and `prompts`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from perflow_jax import export as export_lib
+from perflow_jax import metrics
+from perflow_jax import sampling
+from perflow_jax.flow import losses
+from perflow_jax.weights import export as wexport
+from perflow_jax.weights import io
+from perflow_jax.weights import pretrained as pretrained_lib
+
+SAMPLERS = ("perflow", "ddim")
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """Everything sampling needs: modules, the chosen UNet params and how to read the UNet's output."""
+  unet: Any
+  params: Any
+  vae: Any
+  vae_params: Any
+  text_encoder: Any
+  text_params: Any
+  tokenizer: Any
+  scaling_factor: float
+  teacher_prediction_type: str  # 'epsilon' | 'v_prediction': how ddim reads the output
+  prediction_type: str  # the PeRFlow student's: 'diff_eps' | 'ddim_eps' | 'velocity'
+  num_windows: int
+  resolution: int  # default image side
+
+
+def _vae_factor(vae: Any) -> int:
+  return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _delta_metadata(path: str) -> dict[str, str]:
+  header, _ = io.read_safetensors_header(path)
+  return dict(header.get("__metadata__") or {})
+
+
+def load_models(workdir: str | None = None, pretrained: str | None = None, delta: str | None = None,
+                weights: str = "ema", keep_mismatched: bool = False, tokenizer: str | None = None,
+                prediction_type: str | None = None, num_windows: int | None = None) -> Models:
+  """The models of a run (`workdir`, with EMA/student/teacher weights) or of a pretrained model plus a delta.
+
+  Args:
+    workdir: a training run's directory; or
+    pretrained: a diffusers folder, single-file checkpoint or converted directory (`weights.load_pretrained`).
+    delta: PeRFlow delta weights (.safetensors, diffusers UNet names) merged into the pretrained UNet unless
+      weights='teacher'.
+    weights: 'ema' | 'student' | 'teacher' (pretrained: 'teacher' is the base without the delta).
+    keep_mismatched: keep the base weight where the delta's keys or shapes do not match (else an error).
+    tokenizer: pretrained single files: the tokenizer folder.
+    prediction_type, num_windows: the PeRFlow student's (default: the run's config, the delta's metadata, or
+      'diff_eps' and 4).
+  """
+  if (workdir is None) == (pretrained is None):
+    raise ValueError("give exactly one of --workdir (a training run) and --pretrained (a model folder or file).")
+  if workdir is not None:
+    if delta is not None:
+      raise ValueError("--delta merges into --pretrained; a --workdir run already has its student weights.")
+    run = export_lib.load_run(workdir, weights)
+    m, pf = run.models, run.config.perflow
+    return Models(m.unet, run.params, m.vae, m.vae_params, m.text_encoder, m.text_params, m.tokenizer,
+                  m.scaling_factor, m.teacher_prediction_type, prediction_type or str(pf.prediction_type),
+                  int(num_windows or pf.num_windows), int(run.config.data.resolution))
+  bundle = pretrained_lib.load_pretrained(pretrained, jnp.float32, tokenizer_path=tokenizer)
+  params = bundle.unet_params
+  meta = _delta_metadata(delta) if delta else {}
+  if delta and weights != "teacher":
+    base = wexport.export_unet_state_dict(params)
+    merged, kept = wexport.merge_delta(base, io.read_safetensors(delta), keep_mismatched)
+    if kept:
+      logging.warning("Kept the base weights of %d UNet tensor(s) the delta does not fit: %s", len(kept),
+                      ", ".join(kept[:20]))
+    params = pretrained_lib.place(wexport.params_from_state_dict("unet", bundle.unet, merged), jnp.float32)
+  sample_size = bundle.config["unet"].get("sample_size", 64)
+  side = sample_size if isinstance(sample_size, int) else sample_size[0]
+  return Models(bundle.unet, params, bundle.vae, bundle.vae_params, bundle.text_encoder, bundle.text_params,
+                bundle.tokenizer, float(bundle.config["vae"].get("scaling_factor", 0.18215)),
+                bundle.config["prediction_type"], prediction_type or meta.get("prediction_type", "diff_eps"),
+                int(num_windows or meta.get("num_windows", 4)), int(side) * _vae_factor(bundle.vae))
+
+
+def image_noise(seed: int, indices: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:
+  """[len(indices), h, w, c] float32 N(0, I): image i's noise is normal(fold_in(key(seed), i)), batch-free."""
+  key = jax.random.key(int(seed))
+  return np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, int(i)), shape, jnp.float32))
+                   for i in indices])
+
+
+def make_sample_fn(models: Models, sampler: str, num_steps: int, guidance_scale: float) -> Any:
+  """jit((params, vae_params, noise [B,h,w,c], context [B,L,D], uncond [1,L,D]) -> (latents, images [-1,1]))."""
+  if sampler not in SAMPLERS:
+    raise ValueError(f"--sampler={sampler!r} is not one of {SAMPLERS}.")
+  if sampler == "perflow":
+    if models.prediction_type not in losses.PREDICTION_TYPES:
+      raise ValueError(f"prediction_type={models.prediction_type!r} is not one of {losses.PREDICTION_TYPES}.")
+    if num_steps < models.num_windows:
+      raise ValueError(f"--num_steps={num_steps} is fewer than the {models.num_windows} PeRFlow windows: each "
+                       f"window needs at least one step, so pass --num_steps >= {models.num_windows} (or "
+                       "--sampler=ddim for the teacher).")
+  w = float(guidance_scale)
+
+  def run(params, vae_params, noise, context, uncond):
+    if sampler == "perflow":
+      z = sampling.perflow_sample(models.unet, params, noise, context, uncond, num_steps, w, models.num_windows,
+                                  models.prediction_type)
+    else:
+      z = sampling.ddim_sample(models.unet, params, noise, context, uncond, num_steps, w,
+                               models.teacher_prediction_type)
+    return z, sampling.decode_latents(models.vae, vae_params, z, models.scaling_factor)
+
+  return jax.jit(run)
+
+
+def generate(models: Models, prompts: Sequence[str], *, negative_prompt: str = "", num_steps: int = 4,
+             guidance_scale: float = 4.5, sampler: str = "perflow", seed: int = 0, num_images: int = 1,
+             resolution: int | None = None, batch_size: int = 4) -> dict[str, Any]:
+  """Samples num_images images per prompt.
+
+  Returns:
+    {'images': uint8 [M,H,W,3], 'latents': float32 [M,h,w,c], 'prompts': [M] str, 'noise': float32 [M,h,w,c]}
+    with M = len(prompts) * num_images, prompt-major.
+  """
+  if not prompts:
+    raise ValueError("no prompts: pass --prompt (repeatable) or --prompts_file.")
+  if num_images < 1 or batch_size < 1:
+    raise ValueError(f"--num_images={num_images} and --batch_size={batch_size} must be >= 1.")
+  side = int(resolution or models.resolution)
+  multiple = _vae_factor(models.vae) * 2 ** (len(models.unet.config.block_out_channels) - 1)
+  if side % multiple:
+    raise ValueError(f"--resolution={side} must be a multiple of {multiple} (VAE and UNet downsampling).")
+  h = side // _vae_factor(models.vae)
+  fn = make_sample_fn(models, sampler, num_steps, guidance_scale)
+  all_prompts = [p for p in prompts for _ in range(num_images)]
+  uncond = sampling.encode_prompts(models.text_encoder, models.text_params, models.tokenizer, [negative_prompt])
+  latents, images, noises = [], [], []
+  for start in range(0, len(all_prompts), batch_size):
+    chunk = all_prompts[start:start + batch_size]
+    # Pad the last batch with repeats so one compiled program serves every batch.
+    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+    idx = list(range(start, start + len(chunk))) + [start + len(chunk) - 1] * (batch_size - len(chunk))
+    noise = image_noise(seed, idx, (h, h, models.unet.config.in_channels))
+    context = sampling.encode_prompts(models.text_encoder, models.text_params, models.tokenizer, padded)
+    z, x = jax.device_get(fn(models.params, models.vae_params, noise, context, uncond))
+    latents.append(np.asarray(z)[:len(chunk)])
+    images.append(metrics.to_uint8(np.asarray(x)[:len(chunk)]))
+    noises.append(noise[:len(chunk)])
+  return {"images": np.concatenate(images), "latents": np.concatenate(latents).astype(np.float32),
+          "prompts": all_prompts, "noise": np.concatenate(noises)}
+
+
+def write_outputs(result: dict[str, Any], out: str, label: str, npz: str | None = None,
+                  num_images: int = 1) -> list[str]:
+  """PNG per image, a labelled grid (one row per prompt) and optionally the npz; returns the written paths."""
+  os.makedirs(out, exist_ok=True)
+  paths = []
+  for i, image in enumerate(result["images"]):
+    path = os.path.join(out, f"{i:04d}.png")
+    metrics.save_png(image, path)
+    paths.append(path)
+  grid = metrics.image_grid(result["images"], ncols=num_images,
+                            labels=[f"{label}: {p}" for p in result["prompts"]])
+  paths.append(os.path.join(out, "grid.png"))
+  metrics.save_png(grid, paths[-1])
+  if npz:
+    os.makedirs(os.path.dirname(os.path.abspath(npz)), exist_ok=True)
+    np.savez(npz, images=result["images"], latents=result["latents"], prompts=np.asarray(result["prompts"]))
+    paths.append(npz)
+  return paths
+
+
+def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:
+  """--prompt values, or the non-empty lines of --prompts_file (not both)."""
+  if prompts and prompts_file:
+    raise ValueError("give --prompt or --prompts_file, not both.")
+  if prompts_file:
+    if not os.path.isfile(prompts_file):
+      raise ValueError(f"--prompts_file={prompts_file} does not exist.")
+    with open(prompts_file, encoding="utf-8") as f:
+      prompts = [line.strip() for line in f if line.strip()]
+  if not prompts:
+    raise ValueError("no prompts: pass --prompt (repeatable) or a non-empty --prompts_file.")
+  return list(prompts)
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (its EMA, student or teacher weights).")
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "A diffusers folder, single-file checkpoint or converted dir.")
+_DELTA = flags.DEFINE_string("delta", None, "PeRFlow delta weights (.safetensors) to merge into --pretrained.")
+_KEEP = flags.DEFINE_bool("keep_mismatched", False, "Keep base weights for keys the delta does not fit.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer folder for single-file --pretrained checkpoints.")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line.")
+_NEGATIVE = flags.DEFINE_string("negative_prompt", "", "Negative prompt (the unconditional branch of CFG).")
+_STEPS = flags.DEFINE_integer("num_steps", 4, "Sampling steps N (perflow: N >= num_windows).")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", 4.5, "Classifier-free guidance scale w (1 = no guidance).")
+_SAMPLER = flags.DEFINE_enum("sampler", "perflow", list(SAMPLERS), "perflow (the student) or ddim (the teacher).")
+_WEIGHTS = flags.DEFINE_enum("weights", None, list(export_lib.WEIGHTS),
+                             "UNet weights (default: ema for perflow, teacher for ddim).")
+_SEED = flags.DEFINE_integer("seed", 0, "Noise seed; image i uses fold_in(key(seed), i).")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 1, "Images per prompt.")
+_OUT = flags.DEFINE_string("out", "samples", "Output folder for the PNGs and grid.png.")
+_NPZ = flags.DEFINE_string("npz", None, "Optional .npz of the uint8 images (and latents, prompts).")
+_RESOLUTION = flags.DEFINE_integer("resolution", None, "Image side (default: the run's / model's).")
+_BATCH = flags.DEFINE_integer("batch_size", 4, "Images per compiled call.")
+_NUM_WINDOWS = flags.DEFINE_integer("num_windows", None, "PeRFlow windows K (default: the run's, or 4).")
+_PRED = flags.DEFINE_enum("prediction_type", None, list(losses.PREDICTION_TYPES),
+                          "The PeRFlow student's prediction type (default: the run's, the delta's, or diff_eps).")
+_PRECISION = flags.DEFINE_enum("precision", "default", ["default", "high", "highest"], "Matmul/conv precision.")
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
+  weights = _WEIGHTS.value or ("teacher" if _SAMPLER.value == "ddim" else "ema")
+  with jax.default_matmul_precision(_PRECISION.value):
+    models = load_models(_WORKDIR.value, _PRETRAINED.value, _DELTA.value, weights, _KEEP.value, _TOKENIZER.value,
+                         _PRED.value, _NUM_WINDOWS.value)
+    result = generate(models, prompts, negative_prompt=_NEGATIVE.value, num_steps=_STEPS.value,
+                      guidance_scale=_GUIDANCE.value, sampler=_SAMPLER.value, seed=_SEED.value,
+                      num_images=_NUM_IMAGES.value, resolution=_RESOLUTION.value, batch_size=_BATCH.value)
+  label = f"{'PeRFlow' if _SAMPLER.value == 'perflow' else 'DDIM'}-{_STEPS.value}"
+  paths = write_outputs(result, _OUT.value, label, _NPZ.value, _NUM_IMAGES.value)
+  logging.info("Wrote %d files to %s", len(paths), _OUT.value)
+  print(f"wrote {len(result['images'])} images and {os.path.join(_OUT.value, 'grid.png')}")
+
+
+if __name__ == "__main__":
+  app.run(main)

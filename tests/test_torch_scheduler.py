@@ -1,0 +1,160 @@
+"""PeRFlowTorchScheduler: reference constants, parity with the JAX scheduler, and the exported UNet in diffusers."""
+
+import importlib
+import sys
+from unittest import mock
+
+from absl.testing import absltest
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from perflow_jax import flow
+from perflow_jax import sampling
+from perflow_jax import torch_scheduler
+from perflow_jax.torch_scheduler import PeRFlowTorchScheduler
+import sample_export_testutil as sx
+
+# The scheduler_config.json of runwayml/stable-diffusion-v1-5 (a PNDM config, as a pipeline would hand over).
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "trained_betas": None, "prediction_type": "epsilon"}
+
+
+class SchedulerTest(absltest.TestCase):
+
+  def test_timesteps_reference_values(self):
+    s = PeRFlowTorchScheduler.from_config(SD15_SCHEDULER_CONFIG, prediction_type="diff_eps", num_time_windows=4)
+    expected = {4: [1000, 750, 500, 250], 5: [1000, 875, 750, 500, 250], 6: [1000, 875, 750, 625, 500, 250],
+                8: [1000, 875, 750, 625, 500, 375, 250, 125]}
+    for n, ts in expected.items():
+      s.set_timesteps(n)
+      self.assertEqual(s.timesteps.tolist(), ts)
+      self.assertEqual(s.timesteps.dtype, torch.int64)
+    s.set_timesteps(16)
+    self.assertEqual(s.timesteps[:4].tolist(), [1000, 937, 875, 812])
+    self.assertEqual(s.timesteps[-1].item(), 62)
+    self.assertEqual(s.init_noise_sigma, 1.0)
+    self.assertEqual(s.config.prediction_type, "diff_eps")
+    self.assertEqual(s.config.num_time_windows, 4)
+
+  def test_fewer_steps_than_windows_refused(self):
+    s = PeRFlowTorchScheduler(num_time_windows=4)
+    with self.assertRaisesRegex(ValueError, r"num_inference_steps=3 is fewer than num_time_windows=4"):
+      s.set_timesteps(3)
+
+  def test_bad_prediction_type_names_the_choices(self):
+    with self.assertRaisesRegex(ValueError, r"'epsilon' is not a PeRFlow prediction type.*diff_eps"):
+      PeRFlowTorchScheduler.from_config(SD15_SCHEDULER_CONFIG)
+
+  def test_step_matches_jax_scheduler(self):
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((2, 4, 3, 3)).astype(np.float32)
+    out = rng.standard_normal((2, 4, 3, 3)).astype(np.float32)
+    for pred in ("diff_eps", "ddim_eps", "velocity"):
+      for k, n in ((4, 4), (4, 8), (4, 6), (2, 5)):
+        s = PeRFlowTorchScheduler(prediction_type=pred, num_time_windows=k)
+        s.set_timesteps(n)
+        ref = flow.PeRFlowScheduler(num_windows=k, prediction_type=pred)
+        ts, nxt = ref.timesteps(n), ref.next_timesteps(n)
+        np.testing.assert_array_equal(s.timesteps.numpy(), ts)
+        for t, t_next in zip(ts, nxt):
+          got = s.step(torch.from_numpy(out), torch.tensor(t), torch.from_numpy(z)).prev_sample.numpy()
+          want = np.asarray(ref.step(jnp.asarray(out), int(t), int(t_next), jnp.asarray(z)))
+          np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{pred} K={k} N={n} t={t}")
+    # One step per window lands on the window end z_end = lam z + eta eps: the first window of diff_eps K=4.
+    s = PeRFlowTorchScheduler(prediction_type="diff_eps")
+    s.set_timesteps(4)
+    prev = s.step(torch.from_numpy(out), 1000, torch.from_numpy(z), return_dict=False)[0].numpy()
+    np.testing.assert_allclose(prev, 3.4858 * z - 3.3393 * out, rtol=1e-3, atol=1e-3)
+
+  def test_add_noise_and_identity_input_scaling(self):
+    s = PeRFlowTorchScheduler()
+    x = torch.ones(2, 1, 1, 1)
+    noise = torch.zeros(2, 1, 1, 1)
+    ab = flow.schedule.sd_alphas_cumprod()
+    got = s.add_noise(x, noise, torch.tensor([1000, 1])).flatten().numpy()
+    np.testing.assert_allclose(got, np.sqrt([ab[999], ab[0]]), rtol=1e-6)
+    self.assertIs(s.scale_model_input(x, 1000), x)
+
+  def test_missing_torch_gives_install_hint(self):
+    with mock.patch.dict(sys.modules, {"torch": None}):
+      sys.modules.pop("perflow_jax.torch_scheduler", None)
+      with self.assertRaisesRegex(ImportError, r"pip install perflow_jax\[torch\]"):
+        importlib.import_module("perflow_jax.torch_scheduler")
+    sys.modules["perflow_jax.torch_scheduler"] = torch_scheduler
+
+
+class ExportedUNetTest(absltest.TestCase):
+  """The trained tiny student sampled in JAX and, exported, in PyTorch with PeRFlowTorchScheduler."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.trained = sx.loaded_run("student")
+    m = cls.trained.models
+    cls.torch_unet = sx.torch_unet(cls.trained.params, m.unet)
+    cls.context = sampling.encode_prompts(m.text_encoder, m.text_params, m.tokenizer,
+                                          ["a red circle on a blue background", "a green square"])
+    cls.uncond = sampling.encode_prompts(m.text_encoder, m.text_params, m.tokenizer, [""])
+    cls.noise = np.asarray(jax.random.normal(jax.random.key(3), (2, 8, 8, 4)))
+
+  def _torch_sample(self, scheduler, num_steps, guidance):
+    scheduler.set_timesteps(num_steps)
+    z = torch.from_numpy(self.noise.transpose(0, 3, 1, 2).copy())
+    ctx = torch.from_numpy(np.array(self.context))
+    unc = torch.from_numpy(np.repeat(np.asarray(self.uncond), 2, axis=0))
+    with torch.no_grad():
+      for t in scheduler.timesteps:
+        out = self.torch_unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([unc, ctx])).sample
+        eps = out[:2] + guidance * (out[2:] - out[:2])
+        z = scheduler.step(eps, t, z).prev_sample
+    return z.numpy().transpose(0, 2, 3, 1)
+
+  def test_perflow_jax_and_torch_agree(self):
+    pf = self.trained.config.perflow
+    scheduler = PeRFlowTorchScheduler.from_config(SD15_SCHEDULER_CONFIG, prediction_type=pf.prediction_type,
+                                                  num_time_windows=pf.num_windows)
+    for n in (4, 8):
+      with jax.default_matmul_precision("highest"):
+        want = np.asarray(sampling.perflow_sample(self.trained.models.unet, self.trained.params, self.noise, self.context,
+                                                  self.uncond, n, 2.0, pf.num_windows, pf.prediction_type))
+      got = self._torch_sample(scheduler, n, 2.0)
+      diff = np.abs(got - want).max()
+      self.assertLessEqual(diff, 1e-3, f"N={n}: max |torch - jax| = {diff}")
+      self.assertGreater(np.abs(want - self.noise).max(), 0.1)  # the loop moved the latents
+
+  def test_ddim_matches_diffusers_ddim(self):
+    ddim = diffusers.DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+    np.testing.assert_array_equal(sampling.ddim_leading_timesteps(4), [751, 501, 251, 1])
+    for n in (3, 10):
+      with jax.default_matmul_precision("highest"):
+        want = np.asarray(sampling.ddim_sample(self.trained.models.unet, self.trained.params, self.noise, self.context,
+                                               self.uncond, n, 2.0, "epsilon"))
+      got = self._torch_sample(ddim, n, 2.0)
+      np.testing.assert_array_equal(ddim.timesteps.numpy(), sampling.ddim_leading_timesteps(n))
+      diff = np.abs(got - want).max()
+      self.assertLessEqual(diff, 1e-3, f"DDIM N={n}: max |torch - jax| = {diff}")
+
+  def test_stable_diffusion_pipeline_runs_exported_unet(self):
+    vae, text, tokenizer = sx.torch_vae_and_text(self.trained)
+    pf = self.trained.config.perflow
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=self.torch_unet,
+        scheduler=diffusers.PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.scheduler = PeRFlowTorchScheduler.from_config(pipe.scheduler.config, prediction_type=pf.prediction_type,
+                                                       num_time_windows=pf.num_windows)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(["a red circle on a blue background"], num_inference_steps=4, guidance_scale=4.5, height=16,
+               width=16, output_type="np", generator=torch.Generator().manual_seed(0))
+    self.assertEqual(out.images.shape, (1, 16, 16, 3))
+    self.assertTrue(np.all(np.isfinite(out.images)))
+    self.assertEqual(pipe.scheduler.timesteps.tolist(), [1000, 750, 500, 250])
+
+
+if __name__ == "__main__":
+  absltest.main()
