@@ -147,23 +147,42 @@ def export_run(workdir: str, out: str, fmt: str = "delta", dtype: str | None = N
   return out
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
-_OUT = flags.DEFINE_string("out", None, "Output: a .safetensors file (--format=delta) or a new folder (unet).")
-_FORMAT = flags.DEFINE_enum("format", "delta", list(FORMATS),
-                            "delta: dW = student - teacher (PeRFlow delta weights); unet: merged diffusers folder.")
-_DTYPE = flags.DEFINE_enum("dtype", None, list(DTYPES), "Stored dtype (default: float16 delta, float32 unet).")
-_WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "student"], "Which student weights to export.")
+def define_flags(fv: flags.FlagValues) -> None:
+  """The CLI's flags, defined on `fv` (only when run as a script, or on a fresh FlagValues by `cli`)."""
+  flags.DEFINE_string("workdir", None, "The training run's directory.", flag_values=fv)
+  flags.DEFINE_string("out", None, "Output: a .safetensors file (--format=delta) or a new folder (unet).",
+                      flag_values=fv)
+  flags.DEFINE_enum("format", "delta", list(FORMATS),
+                    "delta: dW = student - teacher (PeRFlow delta weights); unet: merged diffusers folder.",
+                    flag_values=fv)
+  flags.DEFINE_enum("dtype", None, list(DTYPES), "Stored dtype (default: float16 delta, float32 unet).",
+                    flag_values=fv)
+  flags.DEFINE_enum("weights", "ema", ["ema", "student"], "Which student weights to export.", flag_values=fv)
+
+
+def run_flags(fv: flags.FlagValues) -> str:
+  """Runs the export the parsed flags describe; returns the written path."""
+  if not fv.workdir or not fv.out:
+    raise app.UsageError("--workdir and --out are required.")
+  out = export_run(fv.workdir, fv.out, fv.format, fv.dtype, fv.weights)
+  logging.info("Exported %s (%s weights) of %s", fv.format, fv.weights, fv.workdir)
+  return out
+
+
+def cli(argv: Sequence[str]) -> str:
+  """The CLI in-process: argv as on the command line (argv[0] is the program name)."""
+  fv = flags.FlagValues()
+  define_flags(fv)
+  fv(list(argv))
+  return run_flags(fv)
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value or not _OUT.value:
-    raise app.UsageError("--workdir and --out are required.")
-  out = export_run(_WORKDIR.value, _OUT.value, _FORMAT.value, _DTYPE.value, _WEIGHTS.value)
-  logging.info("Exported %s (%s weights) of %s", _FORMAT.value, _WEIGHTS.value, _WORKDIR.value)
-  print(f"wrote {out}")
+  print(f"wrote {run_flags(flags.FLAGS)}")
 
 
 if __name__ == "__main__":
+  define_flags(flags.FLAGS)
   app.run(main)

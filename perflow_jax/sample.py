@@ -212,47 +212,70 @@ def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> lis
   return list(prompts)
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (its EMA, student or teacher weights).")
-_PRETRAINED = flags.DEFINE_string("pretrained", None, "A diffusers folder, single-file checkpoint or converted dir.")
-_DELTA = flags.DEFINE_string("delta", None, "PeRFlow delta weights (.safetensors) to merge into --pretrained.")
-_KEEP = flags.DEFINE_bool("keep_mismatched", False, "Keep base weights for keys the delta does not fit.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer folder for single-file --pretrained checkpoints.")
-_PROMPT = flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).")
-_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line.")
-_NEGATIVE = flags.DEFINE_string("negative_prompt", "", "Negative prompt (the unconditional branch of CFG).")
-_STEPS = flags.DEFINE_integer("num_steps", 4, "Sampling steps N (perflow: N >= num_windows).")
-_GUIDANCE = flags.DEFINE_float("guidance_scale", 4.5, "Classifier-free guidance scale w (1 = no guidance).")
-_SAMPLER = flags.DEFINE_enum("sampler", "perflow", list(SAMPLERS), "perflow (the student) or ddim (the teacher).")
-_WEIGHTS = flags.DEFINE_enum("weights", None, list(export_lib.WEIGHTS),
-                             "UNet weights (default: ema for perflow, teacher for ddim).")
-_SEED = flags.DEFINE_integer("seed", 0, "Noise seed; image i uses fold_in(key(seed), i).")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 1, "Images per prompt.")
-_OUT = flags.DEFINE_string("out", "samples", "Output folder for the PNGs and grid.png.")
-_NPZ = flags.DEFINE_string("npz", None, "Optional .npz of the uint8 images (and latents, prompts).")
-_RESOLUTION = flags.DEFINE_integer("resolution", None, "Image side (default: the run's / model's).")
-_BATCH = flags.DEFINE_integer("batch_size", 4, "Images per compiled call.")
-_NUM_WINDOWS = flags.DEFINE_integer("num_windows", None, "PeRFlow windows K (default: the run's, or 4).")
-_PRED = flags.DEFINE_enum("prediction_type", None, list(losses.PREDICTION_TYPES),
-                          "The PeRFlow student's prediction type (default: the run's, the delta's, or diff_eps).")
-_PRECISION = flags.DEFINE_enum("precision", "default", ["default", "high", "highest"], "Matmul/conv precision.")
+def define_flags(fv: flags.FlagValues) -> None:
+  """The CLI's flags, defined on `fv` (only when run as a script, or on a fresh FlagValues by `cli`)."""
+  def string(name, default, help_text):
+    flags.DEFINE_string(name, default, help_text, flag_values=fv)
+
+  string("workdir", None, "A training run's directory (its EMA, student or teacher weights).")
+  string("pretrained", None, "A diffusers folder, single-file checkpoint or converted dir.")
+  string("delta", None, "PeRFlow delta weights (.safetensors) to merge into --pretrained.")
+  flags.DEFINE_bool("keep_mismatched", False, "Keep base weights for keys the delta does not fit.", flag_values=fv)
+  string("tokenizer", None, "Tokenizer folder for single-file --pretrained checkpoints.")
+  flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).", flag_values=fv)
+  string("prompts_file", None, "A text file with one prompt per line.")
+  string("negative_prompt", "", "Negative prompt (the unconditional branch of CFG).")
+  flags.DEFINE_integer("num_steps", 4, "Sampling steps N (perflow: N >= num_windows).", flag_values=fv)
+  flags.DEFINE_float("guidance_scale", 4.5, "Classifier-free guidance scale w (1 = no guidance).", flag_values=fv)
+  flags.DEFINE_enum("sampler", "perflow", list(SAMPLERS), "perflow (the student) or ddim (the teacher).",
+                    flag_values=fv)
+  flags.DEFINE_enum("weights", None, list(export_lib.WEIGHTS),
+                    "UNet weights (default: ema for perflow, teacher for ddim).", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Noise seed; image i uses fold_in(key(seed), i).", flag_values=fv)
+  flags.DEFINE_integer("num_images", 1, "Images per prompt.", flag_values=fv)
+  string("out", "samples", "Output folder for the PNGs and grid.png.")
+  string("npz", None, "Optional .npz of the uint8 images (and latents, prompts).")
+  flags.DEFINE_integer("resolution", None, "Image side (default: the run's / model's).", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 4, "Images per compiled call.", flag_values=fv)
+  flags.DEFINE_integer("num_windows", None, "PeRFlow windows K (default: the run's, or 4).", flag_values=fv)
+  flags.DEFINE_enum("prediction_type", None, list(losses.PREDICTION_TYPES),
+                    "The PeRFlow student's prediction type (default: the run's, the delta's, or diff_eps).",
+                    flag_values=fv)
+  flags.DEFINE_enum("precision", "default", ["default", "high", "highest"], "Matmul/conv precision.",
+                    flag_values=fv)
+
+
+def run_flags(fv: flags.FlagValues) -> dict[str, Any]:
+  """Samples as the parsed flags say and writes the outputs; returns `generate`'s result."""
+  prompts = read_prompts(fv.prompt, fv.prompts_file)
+  weights = fv.weights or ("teacher" if fv.sampler == "ddim" else "ema")
+  with jax.default_matmul_precision(fv.precision):
+    models = load_models(fv.workdir, fv.pretrained, fv.delta, weights, fv.keep_mismatched, fv.tokenizer,
+                         fv.prediction_type, fv.num_windows)
+    result = generate(models, prompts, negative_prompt=fv.negative_prompt, num_steps=fv.num_steps,
+                      guidance_scale=fv.guidance_scale, sampler=fv.sampler, seed=fv.seed,
+                      num_images=fv.num_images, resolution=fv.resolution, batch_size=fv.batch_size)
+  label = f"{'PeRFlow' if fv.sampler == 'perflow' else 'DDIM'}-{fv.num_steps}"
+  paths = write_outputs(result, fv.out, label, fv.npz, fv.num_images)
+  logging.info("Wrote %d files to %s", len(paths), fv.out)
+  return result
+
+
+def cli(argv: Sequence[str]) -> dict[str, Any]:
+  """The CLI in-process: argv as on the command line (argv[0] is the program name)."""
+  fv = flags.FlagValues()
+  define_flags(fv)
+  fv(list(argv))
+  return run_flags(fv)
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
-  weights = _WEIGHTS.value or ("teacher" if _SAMPLER.value == "ddim" else "ema")
-  with jax.default_matmul_precision(_PRECISION.value):
-    models = load_models(_WORKDIR.value, _PRETRAINED.value, _DELTA.value, weights, _KEEP.value, _TOKENIZER.value,
-                         _PRED.value, _NUM_WINDOWS.value)
-    result = generate(models, prompts, negative_prompt=_NEGATIVE.value, num_steps=_STEPS.value,
-                      guidance_scale=_GUIDANCE.value, sampler=_SAMPLER.value, seed=_SEED.value,
-                      num_images=_NUM_IMAGES.value, resolution=_RESOLUTION.value, batch_size=_BATCH.value)
-  label = f"{'PeRFlow' if _SAMPLER.value == 'perflow' else 'DDIM'}-{_STEPS.value}"
-  paths = write_outputs(result, _OUT.value, label, _NPZ.value, _NUM_IMAGES.value)
-  logging.info("Wrote %d files to %s", len(paths), _OUT.value)
-  print(f"wrote {len(result['images'])} images and {os.path.join(_OUT.value, 'grid.png')}")
+  result = run_flags(flags.FLAGS)
+  print(f"wrote {len(result['images'])} images and {os.path.join(flags.FLAGS.out, 'grid.png')}")
 
 
 if __name__ == "__main__":
+  define_flags(flags.FLAGS)
   app.run(main)
