@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from perflow_jax import config_lib
 from perflow_jax import export as export_lib
 from perflow_jax import metrics
 from perflow_jax import sampling
@@ -67,7 +68,8 @@ def _delta_metadata(path: str) -> dict[str, str]:
 
 def load_models(workdir: str | None = None, pretrained: str | None = None, delta: str | None = None,
                 weights: str = "ema", keep_mismatched: bool = False, tokenizer: str | None = None,
-                prediction_type: str | None = None, num_windows: int | None = None) -> Models:
+                prediction_type: str | None = None, num_windows: int | None = None,
+                config_path: str | None = None) -> Models:
   """The models of a run (`workdir`, with EMA/student/teacher weights) or of a pretrained model plus a delta.
 
   Args:
@@ -78,6 +80,8 @@ def load_models(workdir: str | None = None, pretrained: str | None = None, delta
     weights: 'ema' | 'student' | 'teacher' (pretrained: 'teacher' is the base without the delta).
     keep_mismatched: keep the base weight where the delta's keys or shapes do not match (else an error).
     tokenizer: pretrained single files: the tokenizer folder.
+    config_path: pretrained single files: a diffusers folder whose configs describe the model (default: the
+      published configs of the detected SD family).
     prediction_type, num_windows: the PeRFlow student's (default: the run's config, the delta's metadata, or
       'diff_eps' and 4).
   """
@@ -91,7 +95,8 @@ def load_models(workdir: str | None = None, pretrained: str | None = None, delta
     return Models(m.unet, run.params, m.vae, m.vae_params, m.text_encoder, m.text_params, m.tokenizer,
                   m.scaling_factor, m.teacher_prediction_type, prediction_type or str(pf.prediction_type),
                   int(num_windows or pf.num_windows), int(run.config.data.resolution))
-  bundle = pretrained_lib.load_pretrained(pretrained, jnp.float32, tokenizer_path=tokenizer)
+  bundle = pretrained_lib.load_pretrained(pretrained, jnp.float32, tokenizer_path=tokenizer,
+                                          config_path=config_path)
   params = bundle.unet_params
   meta = _delta_metadata(delta) if delta else {}
   if delta and weights != "teacher":
@@ -222,6 +227,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   string("delta", None, "PeRFlow delta weights (.safetensors) to merge into --pretrained.")
   flags.DEFINE_bool("keep_mismatched", False, "Keep base weights for keys the delta does not fit.", flag_values=fv)
   string("tokenizer", None, "Tokenizer folder for single-file --pretrained checkpoints.")
+  string("config_path", None, "Single-file --pretrained: a diffusers folder with the model's configs.")
   flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).", flag_values=fv)
   string("prompts_file", None, "A text file with one prompt per line.")
   string("negative_prompt", "", "Negative prompt (the unconditional branch of CFG).")
@@ -245,13 +251,26 @@ def define_flags(fv: flags.FlagValues) -> None:
                     flag_values=fv)
 
 
+def _num_windows_before_loading(fv: flags.FlagValues) -> int:
+  """K as load_models will set it, read from the flags, the run's config.json or the delta's metadata."""
+  if fv.num_windows:
+    return int(fv.num_windows)
+  if fv.workdir:
+    return int(config_lib.load_config_json(fv.workdir).perflow.num_windows)
+  return int(_delta_metadata(fv.delta).get("num_windows", 4)) if fv.delta else 4
+
+
 def run_flags(fv: flags.FlagValues) -> dict[str, Any]:
   """Samples as the parsed flags say and writes the outputs; returns `generate`'s result."""
   prompts = read_prompts(fv.prompt, fv.prompts_file)
+  k = _num_windows_before_loading(fv) if fv.sampler == "perflow" else 0
+  if fv.num_steps < k:  # refused before loading a model (make_sample_fn checks the same)
+    raise ValueError(f"--num_steps={fv.num_steps} is fewer than the {k} PeRFlow windows: each window needs at "
+                     f"least one step, so pass --num_steps >= {k} (or --sampler=ddim for the teacher).")
   weights = fv.weights or ("teacher" if fv.sampler == "ddim" else "ema")
   with jax.default_matmul_precision(fv.precision):
     models = load_models(fv.workdir, fv.pretrained, fv.delta, weights, fv.keep_mismatched, fv.tokenizer,
-                         fv.prediction_type, fv.num_windows)
+                         fv.prediction_type, fv.num_windows, fv.config_path)
     result = generate(models, prompts, negative_prompt=fv.negative_prompt, num_steps=fv.num_steps,
                       guidance_scale=fv.guidance_scale, sampler=fv.sampler, seed=fv.seed,
                       num_images=fv.num_images, resolution=fv.resolution, batch_size=fv.batch_size)

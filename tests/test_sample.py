@@ -10,6 +10,7 @@ from PIL import Image
 
 from perflow_jax import export
 from perflow_jax import sample
+from perflow_jax.weights import export as wexport
 import sample_export_testutil as sx
 from test_torch_scheduler import SD15_SCHEDULER_CONFIG
 
@@ -92,6 +93,14 @@ class SampleCliTest(absltest.TestCase):
     direct = sample.cli([*args, f"--workdir={self.workdir}", "--weights=student", f"--out={self.tmp}/direct"])
     np.testing.assert_allclose(merged["latents"], direct["latents"], atol=1e-4)
     self.assertEqual(merged["prompts"], list(PROMPTS))
+    # The same teacher as a single-file (LDM-named) community checkpoint; configs and tokenizer from the folder.
+    single = os.path.join(self.tmp, "base.safetensors")
+    m = student.models
+    wexport.write_single_file(single, {"unet": m.unet_params, "vae": m.vae_params, "text_encoder": m.text_params},
+                              "sd1")
+    from_file = sample.cli([*args, f"--pretrained={single}", f"--config_path={base}", f"--delta={delta}",
+                            f"--out={self.tmp}/merged_file"])
+    np.testing.assert_allclose(from_file["latents"], direct["latents"], atol=1e-4)
     self.assertEqual(sample._delta_metadata(delta)["prediction_type"], "diff_eps")  # read as the default
 
 if __name__ == "__main__":
