@@ -1,0 +1,166 @@
+"""perflow_jax.benchmark (step, memory and sample modes on the tiny config) and the launch scripts."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+import jax
+import yaml
+
+from configs import tiny
+from perflow_jax import benchmark
+from perflow_jax.parallel import mesh as mesh_lib
+from perflow_jax.parallel import sharding as sh
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_LAUNCH = os.path.join(_REPO, "launch")
+
+
+def _tiny_config():
+  config = tiny.get_config()
+  config.data.source, config.data.random_flip, config.data.random_crop = "cache", False, False
+  return config
+
+
+class StepModeTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.TemporaryDirectory()
+    out = os.path.join(cls.tmp.name, "bench.json")
+    cls.proc = subprocess.run(
+        [sys.executable, "-m", "perflow_jax.benchmark", "--config=configs/tiny.py", "--steps=2",
+         "--peak_matmul_size=256", f"--out={out}"],
+        cwd=_REPO, capture_output=True, text=True, timeout=900, check=False, env=dict(os.environ))
+    cls.result = None
+    if cls.proc.returncode == 0:
+      with open(out) as f:
+        cls.result = json.load(f)
+
+  @classmethod
+  def tearDownClass(cls):
+    cls.tmp.cleanup()
+    super().tearDownClass()
+
+  def test_writes_json_with_positive_numbers(self):
+    self.assertEqual(self.proc.returncode, 0, self.proc.stderr[-3000:])
+    r = self.result
+    self.assertEqual(r["mode"], "step")
+    self.assertEqual(r["devices"], 8)
+    self.assertEqual(r["batch_size"], 8)
+    self.assertEqual(r["latent_shape"], [8, 8, 4])  # 16 px under the tiny VAE's 2x downsampling
+    for key in ("median_step_s", "compile_s", "flops_per_step", "examples_per_s", "unet_forward_flops",
+                "peak_matmul_flops_per_s", "achieved_flops_per_s", "flops_fraction_of_peak",
+                "teacher_prepare_median_s", "teacher_share"):
+      self.assertGreater(r[key], 0.0, key)
+    self.assertGreater(r["memory"]["total_bytes"], 0)
+    self.assertAlmostEqual(r["examples_per_s"], 8 / r["median_step_s"], places=6)
+    # Tiny config: cfg_sync teacher with 4 solver steps + the student's forward and backward = 7 forwards.
+    self.assertAlmostEqual(r["flops_per_step"], 7 * r["unet_forward_flops"], delta=1.0)
+    self.assertAlmostEqual(r["flops_fraction_of_peak"],
+                           r["flops_per_step"] / r["median_step_s"] / (8 * r["peak_matmul_flops_per_s"]),
+                           delta=1e-9)
+    self.assertIn("mode", self.proc.stdout)  # the readable table
+
+  def test_model_flops_formula(self):
+    config = _tiny_config()
+    self.assertEqual(benchmark.model_flops_per_step(config, 10.0), (4 + 3) * 10.0)
+    config.perflow.teacher_guidance = "guided"
+    self.assertEqual(benchmark.model_flops_per_step(config, 10.0), (2 * 4 + 3) * 10.0)
+    config.objective = "diffusion"
+    self.assertEqual(benchmark.model_flops_per_step(config, 10.0), 30.0)
+
+
+class MemoryAndSampleModeTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.config = _tiny_config()
+    cls.mesh = mesh_lib.make_mesh(cls.config.mesh)
+
+  def test_memory_mode_reports_the_sharded_arguments(self):
+    result = benchmark.run_memory_benchmark(self.config, self.mesh)
+    memory = result["memory"]
+    self.assertEqual(result["per_device_batch"], 1)
+    self.assertEqual(result["mesh"], {"data": 1, "fsdp": 8})
+    # The compiled arguments are exactly the per-device shards of state, EMA, teacher, batch and key.
+    args = benchmark.build_step(self.config, self.mesh).abstract_args
+    state, ema, frozen, batch, _ = args
+    expected = sum(sh.per_device_bytes(t) for t in (state, ema, frozen, batch))
+    self.assertAlmostEqual(memory["argument_bytes"], expected, delta=64)
+    self.assertGreater(memory["temp_bytes"], 0)
+    self.assertEqual(memory["total_bytes"], memory["argument_bytes"] + memory["output_bytes"]
+                     + memory["temp_bytes"] - memory["alias_bytes"] + memory["generated_code_bytes"])
+
+  def test_sample_mode(self):
+    result = benchmark.run_sample_benchmark(self.config, self.mesh, steps=1, perflow_steps=4, ddim_steps=8)
+    self.assertGreater(result["perflow_4_median_s"], 0.0)
+    self.assertGreater(result["ddim_8_median_s"], 0.0)
+    self.assertAlmostEqual(result["speedup"], result["ddim_8_median_s"] / result["perflow_4_median_s"])
+
+  def test_published_configs_fill_empty_model_sections(self):
+    config = _tiny_config()
+    config.model.unet = {}
+    config.model.vae = {}
+    full = benchmark.complete_model_configs(config, "sd1")
+    self.assertEqual(tuple(full.model.unet.block_out_channels), (320, 640, 1280, 1280))
+    self.assertEqual(full.model.unet.cross_attention_dim, 768)
+    config.data.resolution = 512
+    self.assertEqual(benchmark.latent_shape(benchmark.complete_model_configs(config, "sd1")), (64, 64, 4))
+    self.assertEqual(tuple(config.model.text_encoder.keys()), tuple(full.model.text_encoder.keys()))  # kept
+
+  def test_latent_shape_rejects_indivisible_resolution(self):
+    config = _tiny_config()
+    config.data.resolution = 17
+    with self.assertRaisesRegex(ValueError, "multiple of 2"):
+      benchmark.latent_shape(config)
+
+  def test_table_formats_bytes_and_flops(self):
+    table = benchmark.format_table({"mode": "step", "flops_per_step": 1.5e9, "memory": {"temp_bytes": 2**30}})
+    self.assertIn("1.500e+09", table)
+    self.assertIn("memory.temp_bytes", table)
+    self.assertIn("1.000 GiB", table)
+
+
+class LaunchTest(absltest.TestCase):
+
+  def test_scripts_pass_bash_n(self):
+    scripts = sorted(f for f in os.listdir(_LAUNCH) if f.endswith((".sh", ".sbatch")))
+    self.assertEqual(scripts, ["gke_xpk.sh", "slurm_gpu.sbatch", "tpu_pod.sh"])
+    for name in scripts:
+      run = subprocess.run(["bash", "-n", os.path.join(_LAUNCH, name)], capture_output=True, text=True,
+                           check=False)
+      self.assertEqual(run.returncode, 0, f"{name}: {run.stderr}")
+
+  def test_usage_errors_without_cloud_tools(self):
+    env = dict(os.environ, TPU_NAME="t", ZONE="z", PROJECT="p", WORKLOAD="w", IMAGE="i")
+    for script in ("tpu_pod.sh", "gke_xpk.sh"):
+      run = subprocess.run(["bash", os.path.join(_LAUNCH, script), "nonsense"], capture_output=True, text=True,
+                           check=False, env=env)
+      self.assertEqual(run.returncode, 2, script)
+      self.assertIn("usage:", run.stderr)
+    run = subprocess.run(["bash", os.path.join(_LAUNCH, "tpu_pod.sh"), "create"], capture_output=True, text=True,
+                         check=False, env={"PATH": os.environ["PATH"]})
+    self.assertNotEqual(run.returncode, 0)
+    self.assertIn("TPU_NAME", run.stderr)
+
+  def test_jobset_template_variables_are_all_filled_by_apply(self):
+    with open(os.path.join(_LAUNCH, "gke_jobset.yaml")) as f:
+      text = f.read()
+    self.assertEqual(yaml.safe_load(text)["kind"], "JobSet")
+    used = set(re.findall(r"\$\{([A-Z_]+)\}", text))
+    with open(os.path.join(_LAUNCH, "gke_xpk.sh")) as f:
+      script = f.read()
+    apply_body = script[script.index("cmd_apply()"):script.index("cmd_logs()")]
+    exported = set(re.findall(r"\b([A-Z_]+)=", apply_body))
+    self.assertEqual(used - exported, set())
+
+
+if __name__ == "__main__":
+  absltest.main()
