@@ -14,6 +14,11 @@ from perflow_jax.weights import export as wexport
 import trainer_testutil
 
 TRAIN_STEPS = 4
+# The scheduler_config.json of runwayml/stable-diffusion-v1-5 (a PNDM config, as a pipeline would hand over).
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "trained_betas": None, "prediction_type": "epsilon"}
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,7 +12,6 @@ from perflow_jax import export
 from perflow_jax import sample
 from perflow_jax.weights import export as wexport
 import sample_export_testutil as sx
-from test_torch_scheduler import SD15_SCHEDULER_CONFIG
 
 PROMPTS = ("a red circle on a blue background", "a green square on a white background")
 
@@ -78,7 +77,7 @@ class SampleCliTest(absltest.TestCase):
     pipe = diffusers.StableDiffusionPipeline(
         vae=vae, text_encoder=text, tokenizer=tokenizer,
         unet=sx.torch_unet(student.models.unet_params, student.models.unet),
-        scheduler=diffusers.PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG), safety_checker=None,
+        scheduler=diffusers.PNDMScheduler.from_config(sx.SD15_SCHEDULER_CONFIG), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     base = os.path.join(self.tmp, "base")
     pipe.save_pretrained(base, safe_serialization=True)

@@ -17,12 +17,7 @@ from perflow_jax import torch_scheduler
 from perflow_jax.torch_scheduler import PeRFlowTorchScheduler
 import sample_export_testutil as sx
 
-# The scheduler_config.json of runwayml/stable-diffusion-v1-5 (a PNDM config, as a pipeline would hand over).
-SD15_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-    "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
-    "steps_offset": 1, "trained_betas": None, "prediction_type": "epsilon"}
-
+SD15_SCHEDULER_CONFIG = sx.SD15_SCHEDULER_CONFIG
 
 class SchedulerTest(absltest.TestCase):
 
@@ -118,10 +113,11 @@ class ExportedUNetTest(absltest.TestCase):
     pf = self.trained.config.perflow
     scheduler = PeRFlowTorchScheduler.from_config(SD15_SCHEDULER_CONFIG, prediction_type=pf.prediction_type,
                                                   num_time_windows=pf.num_windows)
+    unet = self.trained.models.unet
     for n in (4, 8):
       with jax.default_matmul_precision("highest"):
-        want = np.asarray(sampling.perflow_sample(self.trained.models.unet, self.trained.params, self.noise, self.context,
-                                                  self.uncond, n, 2.0, pf.num_windows, pf.prediction_type))
+        want = np.asarray(sampling.perflow_sample(unet, self.trained.params, self.noise, self.context, self.uncond,
+                                                  n, 2.0, pf.num_windows, pf.prediction_type))
       got = self._torch_sample(scheduler, n, 2.0)
       diff = np.abs(got - want).max()
       self.assertLessEqual(diff, 1e-3, f"N={n}: max |torch - jax| = {diff}")
