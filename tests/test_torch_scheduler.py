@@ -145,12 +145,20 @@ class ExportedUNetTest(absltest.TestCase):
     pipe.scheduler = PeRFlowTorchScheduler.from_config(pipe.scheduler.config, prediction_type=pf.prediction_type,
                                                        num_time_windows=pf.num_windows)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(["a red circle on a blue background"], num_inference_steps=4, guidance_scale=4.5, height=16,
-               width=16, output_type="np", generator=torch.Generator().manual_seed(0))
+    prompt = "a red circle on a blue background"
+    out = pipe([prompt], num_inference_steps=4, guidance_scale=4.5, height=16, width=16, output_type="np",
+               generator=torch.Generator().manual_seed(0))
     self.assertEqual(out.images.shape, (1, 16, 16, 3))
     self.assertTrue(np.all(np.isfinite(out.images)))
     self.assertEqual(pipe.scheduler.timesteps.tolist(), [1000, 750, 500, 250])
-
+    # The whole pipeline (torch text encoder, CFG against the "" prompt, scheduler) against JAX on the same noise.
+    latents = pipe([prompt], num_inference_steps=4, guidance_scale=4.5, height=16, width=16, output_type="latent",
+                   latents=torch.from_numpy(self.noise[:1].transpose(0, 3, 1, 2).copy())).images
+    with jax.default_matmul_precision("highest"):
+      want = np.asarray(sampling.perflow_sample(self.trained.models.unet, self.trained.params, self.noise[:1],
+                                                self.context[:1], self.uncond, 4, 4.5))
+    diff = np.abs(latents.numpy().transpose(0, 2, 3, 1) - want).max()
+    self.assertLessEqual(diff, 1e-3, f"pipeline vs JAX: max |diff| = {diff}")
 
 if __name__ == "__main__":
   absltest.main()
