@@ -117,8 +117,8 @@ def load_models(workdir: str | None = None, pretrained: str | None = None, delta
 def image_noise(seed: int, indices: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:
   """[len(indices), h, w, c] float32 N(0, I): image i's noise is normal(fold_in(key(seed), i)), batch-free."""
   key = jax.random.key(int(seed))
-  return np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, int(i)), shape, jnp.float32))
-                   for i in indices])
+  draw = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32))
+  return np.asarray(draw(jnp.asarray(list(indices), jnp.uint32)))
 
 
 def make_sample_fn(models: Models, sampler: str, num_steps: int, guidance_scale: float) -> Any:
@@ -275,8 +275,9 @@ def run_flags(fv: flags.FlagValues) -> dict[str, Any]:
                       guidance_scale=fv.guidance_scale, sampler=fv.sampler, seed=fv.seed,
                       num_images=fv.num_images, resolution=fv.resolution, batch_size=fv.batch_size)
   label = f"{'PeRFlow' if fv.sampler == 'perflow' else 'DDIM'}-{fv.num_steps}"
-  paths = write_outputs(result, fv.out, label, fv.npz, fv.num_images)
-  logging.info("Wrote %d files to %s", len(paths), fv.out)
+  if jax.process_index() == 0:  # every process samples the same images; one writes them
+    paths = write_outputs(result, fv.out, label, fv.npz, fv.num_images)
+    logging.info("Wrote %d files to %s", len(paths), fv.out)
   return result
 
 
