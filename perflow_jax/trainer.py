@@ -143,6 +143,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       jax.eval_shape(init_state, m.unet_params), (state_shardings, param_shardings))
   data_iter = pipeline.make_train_iterator(config.data, mesh, m.tokenizer, seed=int(config.data.shuffle_seed),
                                            sharding=sh.batch_sharding(mesh, rules))
+  mesh_lib.barrier("checkpoint manager")  # its creation is the first cross-process collective
   manager = checkpoint.make_checkpoint_manager(workdir, config)
   preempted = checkpoint.install_sigterm_handler()
   restored = checkpoint.restore_checkpoint(manager, abstract_state, abstract_ema, data_iterator=data_iter)
@@ -172,6 +173,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   compiled = jitted.lower(state, ema_params, frozen, batch, base_key).compile()
   compile_s = time.perf_counter() - t0
   logging.info("Step compiled in %.1f s; per-device memory %s", compile_s, _memory_report(compiled))
+  mesh_lib.barrier("step compiled")  # processes whose compile times differ start stepping together
 
   # --- loop -------------------------------------------------------------------------------------------------------
   first = int(jax.device_get(state.step))

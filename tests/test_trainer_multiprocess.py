@@ -23,6 +23,9 @@ def free_port() -> int:
 def run_two_processes(workdir: str, total_steps: int) -> None:
   port = free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  # No persistent compilation cache here: when one process loads a cached executable and the other compiles
+  # afresh, their cross-process (gloo) collectives stop matching and the run hangs (seen with jax 0.10.2 on CPU).
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
   procs = []
   for pid in range(2):
     cmd = [sys.executable, "-m", "perflow_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",

@@ -166,6 +166,34 @@ def maybe_initialize_distributed(config: Any) -> bool:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   logging.info("Initializing jax.distributed with %s", kwargs or "cluster auto-detection")
   jax.distributed.initialize(**kwargs)
+  _use_coordination_barriers_in_orbax()
   logging.info("jax.distributed ready: process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
+
+
+def _use_coordination_barriers_in_orbax() -> None:
+  """Makes orbax synchronise processes through the coordination service rather than a collective.
+
+  orbax's default barrier is a collective whose first use must rendezvous within gloo's 30 s on CPU; processes
+  that reach it far apart (different load, compile or read times) then fail. Only possible where absl flags are
+  parsed (the CLIs); elsewhere orbax keeps its default.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  name = "experimental_orbax_use_distributed_barrier"
+  if name in flags.FLAGS and flags.FLAGS.is_parsed():
+    flags.FLAGS[name].value = True
+
+
+def barrier(name: str, timeout_s: float = 1800.0) -> None:
+  """Waits until every process reaches `name`; a no-op with one process.
+
+  It uses the distributed runtime's coordination service, not a collective: a collective's first use sets up its
+  communicator with a short rendezvous deadline (30 s for gloo on CPU), which processes that arrive far apart
+  (one still compiling, or reading a large checkpoint) would miss. Calling this before the first collective of a
+  phase lines the processes up, so that rendezvous happens within moments.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top  (no public barrier in this JAX)
+  distributed.global_state.client.wait_at_barrier(f"perflow_jax:{name}", int(timeout_s * 1000))
