@@ -111,23 +111,6 @@ def peak_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
   return 2.0 * size**3 / best
 
 
-def memory_report(compiled: Any) -> dict[str, float]:
-  """Per-device bytes of a compiled step (memory_analysis); `total_bytes` = arguments + outputs + temporaries
-  - aliased (donated state is updated in place) + generated code. {} where the backend reports nothing."""
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except  (not every backend implements it)
-    return {}
-  if m is None:
-    return {}
-  fields = ("argument", "output", "temp", "alias", "generated_code")
-  out = {f"{f}_bytes": int(getattr(m, f"{f}_size_in_bytes", 0)) for f in fields}
-  out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
-                        + out["generated_code_bytes"])
-  out["total_gib"] = out["total_bytes"] / 2**30
-  return out
-
-
 def cost_flops(compiled: Any) -> float:
   """XLA's FLOP count of a compiled program (loop bodies counted once; see the module docstring)."""
   cost = compiled.cost_analysis()
@@ -326,6 +309,7 @@ def run_step_benchmark(config: Any, mesh: Any, *, steps: int = 5, peak_matmul_si
                        ) -> dict[str, Any]:
   """Compiles and times the training step; see the module docstring for every number's method."""
   import jax  # pylint: disable=g-import-not-at-top
+  from perflow_jax.parallel import sharding as sh  # pylint: disable=g-import-not-at-top
 
   setup = build_step(config, mesh)
   start = time.perf_counter()
@@ -363,18 +347,19 @@ def run_step_benchmark(config: Any, mesh: Any, *, steps: int = 5, peak_matmul_si
       "flops_fraction_of_peak": achieved / (peak * jax.device_count()),
       "teacher_prepare_median_s": prepare_times["median_s"],
       "teacher_share": prepare_times["median_s"] / step_times["median_s"],
-      "memory": memory_report(compiled), "first_loss": loss,
+      "memory": sh.compiled_memory(compiled), "first_loss": loss,
   }
 
 
 def run_memory_benchmark(config: Any, mesh: Any) -> dict[str, Any]:
   """Per-device memory of the step compiled from abstract inputs only (nothing of the model is materialised)."""
+  from perflow_jax.parallel import sharding as sh  # pylint: disable=g-import-not-at-top
   setup = build_step(config, mesh)
   start = time.perf_counter()
   compiled = setup.step.lower(*setup.abstract_args).compile()
   compile_s = time.perf_counter() - start
   logging.info("Step compiled from abstract inputs in %.1f s.", compile_s)
-  memory = memory_report(compiled)
+  memory = sh.compiled_memory(compiled)
   devices = int(mesh.devices.size)
   return {"mode": "memory", **_describe(config, mesh), "compile_s": compile_s,
           "per_device_batch": int(config.data.batch_size) // devices, "memory": memory,

@@ -95,18 +95,6 @@ def _cast(tree: Any, dtype: Any) -> Any:
   return jax.tree.map(lambda x: x.astype(dtype), tree)
 
 
-def _memory_report(compiled: Any) -> dict[str, float]:
-  """Per-device bytes from the compiled executable (what the step needs beyond its inputs)."""
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except  (not every backend reports it)
-    return {}
-  if m is None:
-    return {}
-  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
-  return {f.replace("_size_in_bytes", "_gib"): getattr(m, f, 0) / 2**30 for f in fields}
-
-
 def train(config: Any, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the run of `config` in `workdir`; returns the last logged metrics."""
   # --- runtime and mesh -----------------------------------------------------------------------------------------
@@ -172,7 +160,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   t0 = time.perf_counter()
   compiled = jitted.lower(state, ema_params, frozen, batch, base_key).compile()
   compile_s = time.perf_counter() - t0
-  logging.info("Step compiled in %.1f s; per-device memory %s", compile_s, _memory_report(compiled))
+  logging.info("Step compiled in %.1f s; per-device memory %s", compile_s, sh.compiled_memory(compiled))
   mesh_lib.barrier("step compiled")  # processes whose compile times differ start stepping together
 
   # --- loop -------------------------------------------------------------------------------------------------------

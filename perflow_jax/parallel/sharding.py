@@ -307,3 +307,20 @@ def leaf_specs(shardings: Any) -> Mapping[str, P]:
   """{'a/b/kernel': PartitionSpec} for a NamedSharding tree: readable in logs and in tests by parameter path."""
   flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
   return {_path_str(path): s.spec for path, s in flat}
+
+
+def compiled_memory(compiled: Any) -> dict[str, float]:
+  """Per-device bytes of a compiled step (memory_analysis); `total_bytes` = arguments + outputs + temporaries
+  - aliased (donated state is updated in place) + generated code. {} where the backend reports nothing."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  (not every backend implements it)
+    return {}
+  if m is None:
+    return {}
+  fields = ("argument", "output", "temp", "alias", "generated_code")
+  out = {f"{f}_bytes": int(getattr(m, f"{f}_size_in_bytes", 0)) for f in fields}
+  out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+                        + out["generated_code_bytes"])
+  out["total_gib"] = out["total_bytes"] / 2**30
+  return out
