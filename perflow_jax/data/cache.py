@@ -15,6 +15,7 @@ The encoders are a small interface: any ``encode_fn(images [B,H,W,3] f32 in [-1,
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import itertools
 from typing import Any, Callable, Iterator
@@ -142,8 +143,7 @@ def build_latent_cache(source: Any, encode_fn: EncodeFn, mesh: Mesh, tokenizer: 
                "context": ctx[i].astype(dtype), "text": caps[i]}
 
   if jax.process_index() != 0:
-    for _ in examples():  # keep taking part in the collectives of every batch
-      pass
+    collections.deque(examples(), maxlen=0)  # drain: keep taking part in the collectives of every batch
     return None, len(source)
   features = writer.latent_features(mean.shape[1:], context.shape[1:], dtype)
   description = (f"Latent cache at resolution {resolution}: VAE posterior mean/logvar and text-encoder "
