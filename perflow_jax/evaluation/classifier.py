@@ -63,9 +63,14 @@ class ProceduralClassifier(nn.Module):
     w = self.width
     x = images
     # (channels, stride): 32x32 -> 16x16 -> 8x8 -> 4x4.
+    pooled = []
     for i, (channels, stride) in enumerate(((w // 2, 1), (w, 2), (w, 1), (2 * w, 2), (w, 2))):
       x = nn.relu(nn.Conv(channels, (3, 3), strides=(stride, stride), padding="SAME", name=f"conv{i}")(x))
-    x = x.reshape(x.shape[0], -1)
+      if i == 2:
+        # Global mean and max of the 16x16 map: which colours are present and how much of each, wherever the
+        # shape is; without them colour is learnt several times slower through the position-dependent path.
+        pooled = [x.mean(axis=(1, 2)), x.max(axis=(1, 2))]
+    x = jnp.concatenate([x.reshape(x.shape[0], -1)] + pooled, axis=-1)
     feats = nn.relu(nn.Dense(self.feature_dim, name="features")(x))
     out = {"features": feats}
     for field, classes in self.num_classes:
