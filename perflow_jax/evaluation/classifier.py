@@ -43,10 +43,11 @@ def default_num_classes() -> tuple[tuple[str, int], ...]:
 
 
 class ProceduralClassifier(nn.Module):
-  """Five strided 3x3 convolutions, a dense feature layer and one linear head per label field.
+  """Five 3x3 convolutions (three strided), a dense feature layer and one linear head per label field.
 
   No normalisation layers: group/batch norm would remove the absolute colour that the colour heads need.
-  The feature map is flattened rather than pooled so that position and size stay readable.
+  The final 4x4 map is flattened rather than pooled so that position and size stay readable; the global mean
+  and max of the third convolution's map join it, so colour does not have to be read through position.
 
   Attributes:
     num_classes: ((field, classes), ...), hashable so that the module stays a frozen dataclass.
