@@ -55,6 +55,7 @@ class Models:
   prediction_type: str  # the PeRFlow student's: 'diff_eps' | 'ddim_eps' | 'velocity'
   num_windows: int
   resolution: int  # default image side
+  teacher_params: Any = None  # the teacher UNet's params (what `ddim` samples in an evaluation)
 
 
 def _vae_factor(vae: Any) -> int:
@@ -94,7 +95,7 @@ def load_models(workdir: str | None = None, pretrained: str | None = None, delta
     m, pf = run.models, run.config.perflow
     return Models(m.unet, run.params, m.vae, m.vae_params, m.text_encoder, m.text_params, m.tokenizer,
                   m.scaling_factor, m.teacher_prediction_type, prediction_type or str(pf.prediction_type),
-                  int(num_windows or pf.num_windows), int(run.config.data.resolution))
+                  int(num_windows or pf.num_windows), int(run.config.data.resolution), m.unet_params)
   bundle = pretrained_lib.load_pretrained(pretrained, jnp.float32, tokenizer_path=tokenizer,
                                           config_path=config_path)
   params = bundle.unet_params
@@ -111,7 +112,8 @@ def load_models(workdir: str | None = None, pretrained: str | None = None, delta
   return Models(bundle.unet, params, bundle.vae, bundle.vae_params, bundle.text_encoder, bundle.text_params,
                 bundle.tokenizer, float(bundle.config["vae"].get("scaling_factor", 0.18215)),
                 bundle.config["prediction_type"], prediction_type or meta.get("prediction_type", "diff_eps"),
-                int(num_windows or meta.get("num_windows", 4)), int(side) * _vae_factor(bundle.vae))
+                int(num_windows or meta.get("num_windows", 4)), int(side) * _vae_factor(bundle.vae),
+                bundle.unet_params)
 
 
 def image_noise(seed: int, indices: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:

@@ -50,7 +50,8 @@ def _is_image(name: str) -> bool:
   return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _all_images(root: str) -> list[str]:
+def image_files(root: str) -> list[str]:
+  """Every image file under `root` (by extension), in a deterministic sorted walk order."""
   found = []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames.sort()
@@ -60,7 +61,7 @@ def _all_images(root: str) -> list[str]:
 
 def _from_txt(root: str) -> tuple[list[Candidate], list[Skipped]]:
   candidates = []
-  for path in _all_images(root):
+  for path in image_files(root):
     txt = os.path.splitext(path)[0] + ".txt"
     caption = None
     if os.path.isfile(txt):
@@ -104,7 +105,7 @@ def _from_metadata(root: str, filename: str, caption_key: str) -> tuple[list[Can
       continue
     captions[full] = caption
   # Images in the folder that the metadata does not mention have no caption: report them too.
-  candidates = [Candidate(p, captions.pop(p, None)) for p in _all_images(root)]
+  candidates = [Candidate(p, captions.pop(p, None)) for p in image_files(root)]
   candidates += [Candidate(p, c) for p, c in sorted(captions.items())]
   return candidates, skipped
 
