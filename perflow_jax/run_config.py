@@ -75,6 +75,19 @@ def perflow_config(**base_overrides: Any) -> ml_collections.ConfigDict:
   config.sample.num_steps = (4, 8)
   config.sample.guidance_scale = 4.5
   config.sample.seed = 0
+
+  # After the last step: `python -m perflow_jax.evaluate` on the final EMA weights, into workdir/eval/.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.at_end = False
+  config.eval.samplers = ("ddim-50", "ddim-4", "perflow-4", "perflow-8")
+  config.eval.reference = "ddim-50"  # the teacher's many-step result every sampler is measured against
+  config.eval.prompts = "procedural:256"  # or a prompts file (one per line) via eval.prompts_file
+  config.eval.prompts_file = ""
+  config.eval.features = ""  # 'classifier:DIR' | 'inception:FILE' ('' = no Fréchet distance / faithfulness)
+  config.eval.real = "procedural"  # real images for the Fréchet distance: 'procedural' | .npz | folder | ''
+  config.eval.guidance_scale = 3.0
+  config.eval.seed = 0
+  config.eval.batch_size = 32
   return config
 
 
@@ -91,6 +104,8 @@ RUN_SCHEMA = config_lib.training_schema(
     data=Any,
     sample_every=int,
     sample={"prompts": (tuple, list), "num_steps": (tuple, list), "guidance_scale": float, "seed": int},
+    eval={"at_end": bool, "samplers": (tuple, list), "reference": str, "prompts": str, "prompts_file": str,
+          "features": str, "real": str, "guidance_scale": float, "seed": int, "batch_size": int},
 )
 
 
@@ -136,9 +151,31 @@ def validate_run_config(config: Any) -> None:
                      "diffusers folder, a single-file checkpoint or a `perflow_jax.convert` directory), or set "
                      "config.model.unet, .vae and .text_encoder (diffusers-style config dicts) to start from a "
                      "random initialisation.")
-  if config.sample_every and any(n < pf.num_windows for n in config.sample.num_steps):
+  if (config.objective == "perflow" and config.sample_every
+      and any(n < pf.num_windows for n in config.sample.num_steps)):
     raise ValueError(f"config.sample.num_steps={tuple(config.sample.num_steps)}: PeRFlow needs at least "
                      f"num_windows={pf.num_windows} steps (one per window).")
+  if config.eval.at_end:
+    check_eval_config(config.eval, pf.num_windows)
+
+
+def check_eval_config(ev: Any, num_windows: int) -> None:
+  """config.eval: known samplers, a reference among them, PeRFlow step counts >= K, a feature net that exists."""
+  import os  # pylint: disable=g-import-not-at-top
+  from perflow_jax import evaluate  # pylint: disable=g-import-not-at-top  (it imports the trainer's modules)
+  specs = [s.strip().lower() for s in ev.samplers]
+  for spec in specs:
+    kind, n = evaluate.parse_sampler(spec)
+    if kind == "perflow" and n < num_windows:
+      raise ValueError(f"config.eval.samplers: {spec} has fewer steps than num_windows={num_windows}; PeRFlow "
+                       "needs one step per window.")
+  if ev.reference.strip().lower() not in specs:
+    raise ValueError(f"config.eval.reference={ev.reference!r} must be one of config.eval.samplers={specs}.")
+  if ev.features and not os.path.exists(ev.features.partition(":")[2]):
+    raise ValueError(f"config.eval.features={ev.features!r}: {ev.features.partition(':')[2]} does not exist "
+                     "(give 'classifier:DIR' or 'inception:FILE', or '' to skip the Fréchet distance).")
+  if ev.batch_size < 1:
+    raise ValueError(f"config.eval.batch_size={ev.batch_size} must be >= 1.")
 
 
 def tiny_model() -> ml_collections.ConfigDict:

@@ -171,6 +171,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   ckpt_dir = str(checkpoint.checkpoint_dir(workdir))
   last: dict[str, float] = {"compile_s": compile_s}
   t_last, steps_since = time.perf_counter(), 0
+  finished = first >= total
   try:
     for step in range(first + 1, total + 1):
       if step > first + 1:
@@ -196,14 +197,38 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       if stop:
         logging.warning("Preempted: checkpoint saved at step %d; exiting.", step)
         break
+      finished = step == total
   finally:  # also on an error: pending async saves commit, so the last good checkpoint is on disk
     checkpoint.close(manager)
     writer.close()
+  if finished and config.eval.at_end:
+    evaluate_at_end(config, m, ema_params, workdir)
   return last
 
 
+def evaluate_at_end(config: Any, m: ModelSet, ema_params: Any, workdir: str) -> dict[str, Any]:
+  """`python -m perflow_jax.evaluate` on the final EMA weights (ddim samplers: the teacher), into workdir/eval."""
+  from perflow_jax import evaluate  # pylint: disable=g-import-not-at-top  (evaluate imports this module)
+  from perflow_jax import sample  # pylint: disable=g-import-not-at-top
+  ev, pf = config.eval, config.perflow
+  models = sample.Models(m.unet, ema_params, m.vae, m.vae_params, m.text_encoder, m.text_params, m.tokenizer,
+                         m.scaling_factor, m.teacher_prediction_type, str(pf.prediction_type), int(pf.num_windows),
+                         int(config.data.resolution), teacher_params=m.unet_params)
+  out = os.path.join(workdir, "eval")
+  report = evaluate.run_evaluation(
+      models, out, samplers=list(ev.samplers), reference=ev.reference, prompts=ev.prompts,
+      prompts_file=ev.prompts_file or None, features=ev.features or None, real=ev.real,
+      guidance_scale=float(ev.guidance_scale), seed=int(ev.seed), batch_size=int(ev.batch_size))
+  logging.info("Evaluation written to %s:\n%s", out, evaluate.markdown_table(report))
+  return report
+
+
 class PeriodicSampler:
-  """Few-step samples of the EMA student on fixed prompts and seeds: one compiled program per step count."""
+  """Samples of the EMA weights on fixed prompts and seeds, one compiled program per step count.
+
+  A PeRFlow run shows few-step PeRFlow samples of the student; a diffusion-objective run (a teacher being trained)
+  shows DDIM samples of the model, read with config.diffusion.prediction_type.
+  """
 
   def __init__(self, config: Any, m: ModelSet, empty_context: jax.Array):
     sc = config.sample
@@ -219,10 +244,15 @@ class PeriodicSampler:
                                                (len(sc.prompts), latent, latent, channels)))
     self._prompts = list(sc.prompts)
     pf = config.perflow
+    self._label = "PeRFlow" if config.objective == "perflow" else "DDIM"
 
     def run(params, vae_params, noise, context, uncond, num_steps):
-      z = sampling.perflow_sample(m.unet, params, noise, context, uncond, num_steps, self._guidance,
-                                  int(pf.num_windows), pf.prediction_type)
+      if config.objective == "perflow":
+        z = sampling.perflow_sample(m.unet, params, noise, context, uncond, num_steps, self._guidance,
+                                    int(pf.num_windows), pf.prediction_type)
+      else:
+        z = sampling.ddim_sample(m.unet, params, noise, context, uncond, num_steps, self._guidance,
+                                 config.diffusion.prediction_type)
       return sampling.decode_latents(m.vae, vae_params, z, m.scaling_factor)
 
     self._run = jax.jit(run, static_argnums=(5,))
@@ -232,7 +262,7 @@ class PeriodicSampler:
     rows, labels = [], []
     for n in self._steps:
       rows.append(jax.device_get(self._run(params, self._m.vae_params, self._noise, self._context, self._uncond, n)))
-      labels += [f"PeRFlow-{n}: {p}" for p in self._prompts]
+      labels += [f"{self._label}-{n}: {p}" for p in self._prompts]
     grid = metrics_lib.image_grid(np.concatenate(rows), ncols=len(self._prompts), labels=labels)
     writer.write_images(step, {"samples": grid})
     if writer.enabled:

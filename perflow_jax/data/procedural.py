@@ -15,7 +15,7 @@ apex (cx, cy - r), base corners (cx -+ r, cy + r) (pointing up; y grows downward
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -124,6 +124,14 @@ def example(seed: int, index: int, resolution: int) -> dict[str, Any]:
   """One example: {'image': uint8 [R,R,3], 'text': str, 'label': {field: int}}."""
   label = labels(seed, index)
   return {"image": draw(label, resolution), "text": caption(label), "label": label}
+
+
+def images_and_labels(seed: int, indices: Sequence[int], resolution: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """Examples ``(seed, i)`` as model inputs: images float32 [N, R, R, 3] in [-1, 1] and {field: [N] int32}."""
+  examples = [example(seed, int(i), resolution) for i in indices]
+  images = np.stack([ex["image"] for ex in examples]).astype(np.float32) / 127.5 - 1.0
+  labels_ = {field: np.asarray([ex["label"][field] for ex in examples], np.int32) for field in LABEL_FIELDS}
+  return images, labels_
 
 
 class ProceduralSource:

@@ -123,14 +123,6 @@ class Classifier:
     return {field: np.argmax(out[field], axis=-1).astype(np.int64) for field in self.fields}
 
 
-def procedural_batch(seed: int, indices: Sequence[int], resolution: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-  """Procedural examples ``(seed, i)``: images [N, R, R, 3] float32 in [-1, 1] and {field: [N] int32}."""
-  examples = [procedural.example(seed, int(i), resolution) for i in indices]
-  images = np.stack([ex["image"] for ex in examples]).astype(np.float32) / 127.5 - 1.0
-  labels = {field: np.asarray([ex["label"][field] for ex in examples], np.int32) for field in procedural.LABEL_FIELDS}
-  return images, labels
-
-
 def _blur3(x: jax.Array) -> jax.Array:
   """[B, H, W, C] -> the same images under a separable [1, 2, 1] / 4 blur with edge padding."""
   for axis in (1, 2):
@@ -249,9 +241,9 @@ def train_classifier(out_dir: str, *, steps: int, batch_size: int, seed: int, re
   """
   start = time.time()
   module = ProceduralClassifier(width=width, feature_dim=feature_dim)
-  train_images, train_labels = procedural_batch(seed, range(num_train), resolution)
+  train_images, train_labels = procedural.images_and_labels(seed, range(num_train), resolution)
   heldout_seed = seed + HELDOUT_SEED_OFFSET
-  test_images, test_labels = procedural_batch(heldout_seed, range(NUM_HELDOUT), resolution)
+  test_images, test_labels = procedural.images_and_labels(heldout_seed, range(NUM_HELDOUT), resolution)
 
   key = jax.random.key(seed)
   init_key, key = jax.random.split(key)

@@ -183,3 +183,64 @@ def write_unet_folder(out_dir: str, unet: nn.Module, params: Mapping[str, Any], 
   io.write_safetensors(os.path.join(out_dir, "diffusion_pytorch_model" + io.SAFETENSORS_SUFFIX),
                        export_unet_state_dict(params, dtype), metadata={"format": "pt"})
   return out_dir
+
+
+def component_config(component: str, module: nn.Module) -> dict[str, Any]:
+  """The diffusers/transformers config.json dict of one of our modules ('unet' | 'vae' | 'text_encoder[_2]')."""
+  if component == "unet":
+    return unet_diffusers_config(module)
+  if component == "vae":
+    return {"_class_name": "AutoencoderKL", **module.config.to_diffusers_config()}
+  if component in pretrained.TEXT_COMPONENTS:
+    d = module.config.to_transformers_config()
+    arch = "CLIPTextModelWithProjection" if d.get("projection_dim") and module.with_projection else "CLIPTextModel"
+    return {"architectures": [arch], "model_type": "clip_text_model", **d}
+  raise ValueError(f"unknown component {component!r}; expected unet, vae, text_encoder or text_encoder_2.")
+
+
+_PIPELINE_CLASS = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
+                   "sdxl": "StableDiffusionXLPipeline"}
+
+
+def write_pipeline_folder(out_dir: str, modules: Mapping[str, nn.Module], params: Mapping[str, Any], *,
+                          tokenizer_dirs: Mapping[str, str], scheduler_config: Mapping[str, Any],
+                          family: str = "sd1", dtype: Any = np.float32) -> str:
+  """Writes a whole diffusers-layout Stable Diffusion folder from Flax modules and params.
+
+  `load_pretrained(out_dir)` reads it back, and diffusers' `StableDiffusionPipeline.from_pretrained(out_dir)`
+  loads it (for sd1/sd2 families).
+
+  Args:
+    out_dir: the folder (created; existing component files are overwritten).
+    modules, params: {'unet', 'vae', 'text_encoder'[, 'text_encoder_2']: module / params tree}.
+    tokenizer_dirs: {'tokenizer'[, 'tokenizer_2']: a folder with vocab.json + merges.txt}, copied in.
+    scheduler_config: the scheduler/scheduler_config.json dict (it records the prediction type).
+    family: 'sd1' | 'sd2' | 'sdxl' (the pipeline class in model_index.json).
+    dtype: storage dtype of the weights (np.float16 halves the size; loading casts back to float32).
+  """
+  import shutil  # pylint: disable=g-import-not-at-top
+  weight_names = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
+  index: dict[str, Any] = {"_class_name": _PIPELINE_CLASS[family], "_diffusers_version": "0.42.1"}
+  for comp, module in modules.items():
+    folder = os.path.join(out_dir, comp)
+    os.makedirs(folder, exist_ok=True)
+    config = component_config(comp, module)
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(config, f, indent=2)
+    weights = os.path.join(folder, weight_names.get(comp, "model") + io.SAFETENSORS_SUFFIX)
+    io.write_safetensors(weights, export_state_dict(comp, params[comp], dtype), metadata={"format": "pt"})
+    library = "diffusers" if comp in weight_names else "transformers"
+    index[comp] = [library, config.get("_class_name") or config["architectures"][0]]
+  for name, src in tokenizer_dirs.items():
+    dst = os.path.join(out_dir, name)
+    os.makedirs(dst, exist_ok=True)
+    for file in os.listdir(src):
+      shutil.copy(os.path.join(src, file), os.path.join(dst, file))
+    index[name] = ["transformers", "CLIPTokenizer"]
+  os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
+  with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
+    json.dump(dict(scheduler_config), f, indent=2)
+  index["scheduler"] = ["diffusers", scheduler_config.get("_class_name", "DDIMScheduler")]
+  with open(os.path.join(out_dir, "model_index.json"), "w", encoding="utf-8") as f:
+    json.dump(index, f, indent=2)
+  return out_dir

@@ -38,7 +38,7 @@ class ClassifierTest(absltest.TestCase):
     self.assertGreaterEqual(self.result["heldout"]["background"], 0.9)
 
   def test_save_load_round_trip(self):
-    images, _ = classifier.procedural_batch(TEST_SEED, range(20), 32)
+    images, _ = procedural.images_and_labels(TEST_SEED, range(20), 32)
     first = classifier.load_classifier(self.out)
     again_dir = os.path.join(self.tmp, "again")
     classifier.save_classifier(again_dir, first.module, first.params, first.resolution)
@@ -59,14 +59,14 @@ class ClassifierTest(absltest.TestCase):
     self.assertIsInstance(net, features.FeatureNet)
     self.assertEqual((net.name, net.dim), ("classifier", 128))
     self.assertLessEqual(sum(np.size(a) for a in jax.tree.leaves(net.params)), 200_000)
-    images, labels = classifier.procedural_batch(TEST_SEED, range(256), 32)
+    images, labels = procedural.images_and_labels(TEST_SEED, range(256), 32)
     acc = classifier.accuracies(net.predict(images), labels)
     self.assertGreaterEqual(acc["shape"], 0.98, acc)
     self.assertGreaterEqual(acc["color"], 0.98, acc)
     feats = net.features(images[:10], batch_size=4)
     self.assertEqual((feats.shape, feats.dtype), ((10, 128), np.float64))
     # Other sizes are resized to the classifier's 32x32 inside; colour survives that.
-    big, big_labels = classifier.procedural_batch(TEST_SEED, range(64), 64)
+    big, big_labels = procedural.images_and_labels(TEST_SEED, range(64), 64)
     self.assertEqual(net.features(big).shape, (64, 128))
     self.assertGreaterEqual(classifier.accuracies(net.predict(big), big_labels)["color"], 0.95)
 
