@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from perflow_jax import conditioning
 from perflow_jax import config_lib
 from perflow_jax import export as export_lib
 from perflow_jax import metrics
@@ -55,6 +56,21 @@ class Models:
   prediction_type: str  # the PeRFlow student's: 'diff_eps' | 'ddim_eps' | 'velocity'
   num_windows: int
   resolution: int  # default image side
+  # SDXL: the second text encoder, its params and tokenizer, and the run's fixed time ids (None: derived from the
+  # sampled side as (R, R, 0, 0, R, R), diffusers' default for a square image without crop).
+  text_encoder_2: Any = None
+  text_params_2: Any = None
+  tokenizer_2: Any = None
+  time_ids: tuple[float, ...] | None = None
+
+  def encode_prompts(self, prompts: Sequence[str], side: int) -> Any:
+    """Prompts -> context [N, 77, D] (SD1/SD2) or the SDXL dict, with time ids for images of `side` pixels."""
+    if self.text_encoder_2 is None:
+      return sampling.encode_prompts(self.text_encoder, self.text_params, self.tokenizer, list(prompts))
+    return sampling.encode_prompts(self.text_encoder, self.text_params, self.tokenizer, list(prompts),
+                                   text_encoder_2=self.text_encoder_2, text_params_2=self.text_params_2,
+                                   tokenizer_2=self.tokenizer_2,
+                                   time_ids=conditioning.micro_conditioning(side, self.time_ids or ()))
 
 
 def _vae_factor(vae: Any) -> int:
@@ -94,7 +110,8 @@ def load_models(workdir: str | None = None, pretrained: str | None = None, delta
     m, pf = run.models, run.config.perflow
     return Models(m.unet, run.params, m.vae, m.vae_params, m.text_encoder, m.text_params, m.tokenizer,
                   m.scaling_factor, m.teacher_prediction_type, prediction_type or str(pf.prediction_type),
-                  int(num_windows or pf.num_windows), int(run.config.data.resolution))
+                  int(num_windows or pf.num_windows), int(run.config.data.resolution), m.text_encoder_2,
+                  m.text_params_2, m.tokenizer_2, tuple(run.config.model.get("time_ids", ())) or None)
   bundle = pretrained_lib.load_pretrained(pretrained, jnp.float32, tokenizer_path=tokenizer,
                                           config_path=config_path)
   params = bundle.unet_params
@@ -111,7 +128,8 @@ def load_models(workdir: str | None = None, pretrained: str | None = None, delta
   return Models(bundle.unet, params, bundle.vae, bundle.vae_params, bundle.text_encoder, bundle.text_params,
                 bundle.tokenizer, float(bundle.config["vae"].get("scaling_factor", 0.18215)),
                 bundle.config["prediction_type"], prediction_type or meta.get("prediction_type", "diff_eps"),
-                int(num_windows or meta.get("num_windows", 4)), int(side) * _vae_factor(bundle.vae))
+                int(num_windows or meta.get("num_windows", 4)), int(side) * _vae_factor(bundle.vae),
+                bundle.text_encoder_2, bundle.text_params_2, bundle.tokenizer_2)
 
 
 def image_noise(seed: int, indices: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:
@@ -122,7 +140,10 @@ def image_noise(seed: int, indices: Sequence[int], shape: tuple[int, int, int]) 
 
 
 def make_sample_fn(models: Models, sampler: str, num_steps: int, guidance_scale: float) -> Any:
-  """jit((params, vae_params, noise [B,h,w,c], context [B,L,D], uncond [1,L,D]) -> (latents, images [-1,1]))."""
+  """jit((params, vae_params, noise [B,h,w,c], context, uncond) -> (latents, images [-1,1])).
+
+  context: [B,L,D] (SDXL: the dict of `conditioning`); uncond: the same structure with leading dim 1.
+  """
   if sampler not in SAMPLERS:
     raise ValueError(f"--sampler={sampler!r} is not one of {SAMPLERS}.")
   if sampler == "perflow":
@@ -166,7 +187,9 @@ def generate(models: Models, prompts: Sequence[str], *, negative_prompt: str = "
   h = side // _vae_factor(models.vae)
   fn = make_sample_fn(models, sampler, num_steps, guidance_scale)
   all_prompts = [p for p in prompts for _ in range(num_images)]
-  uncond = sampling.encode_prompts(models.text_encoder, models.text_params, models.tokenizer, [negative_prompt])
+  # The negative is the encoded `negative_prompt` ("" by default), as PeRFlow's training uses for SDXL too;
+  # diffusers' SDXL pipeline instead zeroes it when no negative prompt is given (force_zeros_for_empty_prompt).
+  uncond = models.encode_prompts([negative_prompt], side)
   latents, images, noises = [], [], []
   for start in range(0, len(all_prompts), batch_size):
     chunk = all_prompts[start:start + batch_size]
@@ -174,7 +197,7 @@ def generate(models: Models, prompts: Sequence[str], *, negative_prompt: str = "
     padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
     idx = list(range(start, start + len(chunk))) + [start + len(chunk) - 1] * (batch_size - len(chunk))
     noise = image_noise(seed, idx, (h, h, models.unet.config.in_channels))
-    context = sampling.encode_prompts(models.text_encoder, models.text_params, models.tokenizer, padded)
+    context = models.encode_prompts(padded, side)
     z, x = jax.device_get(fn(models.params, models.vae_params, noise, context, uncond))
     latents.append(np.asarray(z)[:len(chunk)])
     images.append(metrics.to_uint8(np.asarray(x)[:len(chunk)]))
