@@ -5,6 +5,9 @@ r"""Samples images from a PeRFlow run or a pretrained model (plus optional delta
   python -m perflow_jax.sample --pretrained=SD15_DIR_OR_FILE --delta=delta_weights.safetensors \
       --prompts_file=prompts.txt --num_steps=8 --guidance_scale=7.5 --out=samples/
 
+SDXL runs and folders work the same way: both text encoders condition the UNet (perflow_jax.conditioning), with
+time ids (S, S, 0, 0, S, S) for images of side S unless the run fixed `model.time_ids`.
+
 Samplers: `perflow` (PeRFlowScheduler, N >= K steps) and `ddim` (the teacher's deterministic DDIM, any N, SD's
 'leading' spacing with steps_offset 1). Image i (prompt i // num_images) starts from the noise of
 fold_in(key(seed), i) whatever the batch size, so samplers and step counts compare image for image. The whole

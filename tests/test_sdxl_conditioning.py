@@ -13,8 +13,9 @@ import torch
 import transformers
 
 from perflow_jax import conditioning
-from perflow_jax import sampling
 from perflow_jax import flow
+from perflow_jax import sample
+from perflow_jax import sampling
 from perflow_jax.weights import pretrained
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"))
@@ -117,6 +118,24 @@ class SdxlEncodePromptParityTest(absltest.TestCase):
     np.testing.assert_allclose(np.asarray(guided), np.asarray(uncond + 7.5 * (cond - uncond)), rtol=1e-4,
                                atol=1e-4)
     self.assertGreater(float(jnp.abs(cond - uncond).max()), 1e-3)  # the prompt matters
+
+
+  def test_sample_cli_ddim_matches_the_diffusers_sdxl_pipeline(self):
+    # The whole sampling path on an SDXL folder: both encoders, the "" negative, time ids (16, 16, 0, 0, 16, 16)
+    # (diffusers' default for a 16 px image without crop), batched CFG and the teacher's DDIM.
+    out = os.path.join(self.folder, "samples")
+    ours = sample.cli(["sample", f"--pretrained={self.folder}", "--prompt=a cat", "--prompt=dog on a cab",
+                       "--sampler=ddim", "--num_steps=4", "--guidance_scale=3.0", "--resolution=16",
+                       "--batch_size=2", "--precision=highest", f"--out={out}"])
+    self.assertEqual(ours["images"].shape, (2, 16, 16, 3))
+    scheduler = diffusers.DDIMScheduler.from_config(self.pipe.scheduler.config, set_alpha_to_one=False,
+                                                    timestep_spacing="leading", clip_sample=False)
+    pipe = diffusers.StableDiffusionXLPipeline(**{**self.pipe.components, "scheduler": scheduler})
+    with torch.no_grad():
+      want = pipe(["a cat", "dog on a cab"], negative_prompt="", num_inference_steps=4, guidance_scale=3.0,
+                  height=16, width=16, latents=torch.from_numpy(ours["noise"].transpose(0, 3, 1, 2)),
+                  output_type="latent").images.numpy().transpose(0, 2, 3, 1)
+    self.assertLess(_relative_error(ours["latents"], want), 1e-4)
 
 
 class SdxlDropoutTest(absltest.TestCase):
