@@ -16,6 +16,9 @@ from perflow_jax import conditioning
 from perflow_jax import flow
 from perflow_jax import sample
 from perflow_jax import sampling
+from perflow_jax import train_step
+from perflow_jax import trainer
+from perflow_jax.parallel import mesh as mesh_lib
 from perflow_jax.weights import pretrained
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"))
@@ -119,6 +122,25 @@ class SdxlEncodePromptParityTest(absltest.TestCase):
                                atol=1e-4)
     self.assertGreater(float(jnp.abs(cond - uncond).max()), 1e-3)  # the prompt matters
 
+
+  def test_trainer_loads_both_encoders_of_a_pretrained_sdxl_folder(self):
+    from configs import tiny  # pylint: disable=g-import-not-at-top
+    config = tiny.get_config()
+    config.model.pretrained = self.folder
+    config.model.tokenizer = ""
+    m = trainer.load_models(config, self.folder, mesh_lib.make_mesh(config.mesh))
+    self.assertIsNotNone(m.text_encoder_2)
+    self.assertEqual(m.scaling_factor, 0.13025)
+    time_ids = trainer.sdxl_time_ids(config, m)
+    np.testing.assert_array_equal(time_ids, [16, 16, 0, 0, 16, 16])  # tiny.py's data.resolution
+    with jax.default_matmul_precision("highest"):
+      context = m.encode_prompts(PROMPTS, time_ids)
+    for k in ("hidden", "text_embeds", "time_ids"):
+      np.testing.assert_allclose(np.asarray(context[k]), np.asarray(self.ours[k]), rtol=1e-5, atol=1e-6)
+    # The latent cache holds no pooled embedding: SDXL must train from images.
+    with self.assertRaisesRegex(ValueError, "source='cache'.*SDXL"):
+      train_step.make_encode_fn(m.vae, m.text_encoder, m.scaling_factor, True, text_encoder_2=m.text_encoder_2,
+                                time_ids=time_ids)
 
   def test_sample_cli_ddim_matches_the_diffusers_sdxl_pipeline(self):
     # The whole sampling path on an SDXL folder: both encoders, the "" negative, time ids (16, 16, 0, 0, 16, 16)
