@@ -67,12 +67,12 @@ class ModelSet:
                                    tokenizer_2=self.tokenizer_2, time_ids=time_ids)
 
 
-def sdxl_time_ids(config: Any, m: ModelSet, resolution: int | None = None) -> np.ndarray | None:
-  """SDXL's fixed micro-conditioning [6] for this run (config.model.time_ids, else (R, R, 0, 0, R, R) with R =
-  `resolution` or config.data.resolution); None for SD1/SD2 models."""
+def sdxl_time_ids(config: Any, m: ModelSet) -> np.ndarray | None:
+  """SDXL's fixed micro-conditioning [6] for this run (config.model.time_ids, else (R, R, 0, 0, R, R) with
+  R = config.data.resolution, as the reference); None for SD1/SD2 models."""
   if m.text_encoder_2 is None:
     return None
-  return conditioning.micro_conditioning(int(resolution or config.data.resolution), tuple(config.model.time_ids))
+  return conditioning.micro_conditioning(int(config.data.resolution), tuple(config.model.time_ids))
 
 
 def _component_shardings(mesh, rules, fallback):
