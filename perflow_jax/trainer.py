@@ -72,7 +72,7 @@ def sdxl_time_ids(config: Any, m: ModelSet) -> np.ndarray | None:
   R = config.data.resolution, as the reference); None for SD1/SD2 models."""
   if m.text_encoder_2 is None:
     return None
-  return conditioning.micro_conditioning(int(config.data.resolution), tuple(config.model.time_ids))
+  return conditioning.micro_conditioning(int(config.data.resolution), tuple(config.model.get("time_ids", ())))
 
 
 def _component_shardings(mesh, rules, fallback):
@@ -96,7 +96,8 @@ def load_models(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> ModelSet:
                     bundle.tokenizer_2)
 
   # Random initialisation from diffusers-style config dicts (the tiny test model, or a teacher trained here).
-  components = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if mc.text_encoder_2 else ())
+  # .get: the config.json of a run from before SDXL support has no text_encoder_2 field.
+  components = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if mc.get("text_encoder_2") else ())
   # SDXL's second encoder always carries the text projection (its pooled output is the UNet's text_embeds).
   arch = {"text_encoder_2": {"architectures": ["CLIPTextModelWithProjection"]}}
   built = {c: pretrained_lib.build_module(c, {**arch.get(c, {}), **dict(getattr(mc, c))}, dtype=compute)
