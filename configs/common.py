@@ -16,4 +16,5 @@ from perflow_jax.config_lib import training_schema
 from perflow_jax.config_lib import validate
 from perflow_jax.run_config import perflow_config
 from perflow_jax.run_config import tiny_model
+from perflow_jax.run_config import tiny_sdxl_model
 from perflow_jax.run_config import validate_run_config

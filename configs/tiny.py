@@ -3,14 +3,15 @@ r"""A random-initialised tiny SD-family model on the procedural dataset: the tes
   python -m perflow_jax.train --config=configs/tiny.py --workdir=/tmp/tiny
 
 A few dozen steps take about a minute on 2 CPU cores. Arguments: `diffusion` trains the standard diffusion
-objective instead of PeRFlow (e.g. configs/tiny.py:diffusion).
+objective instead of PeRFlow (e.g. configs/tiny.py:diffusion); `sdxl` trains a tiny SDXL-shaped model (two text
+encoders, text_time conditioning) with the SDXL recipe's flow settings (guided teacher, ddim_eps, t grid 200).
 """
 
 from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, diffusion=False)
+  arg = common.parse_arg(arg, diffusion=False, sdxl=False)
   config = common.perflow_config(total_steps=30, log_every=5, checkpoint_every=10, keep_checkpoints=2)
   config.objective = "diffusion" if arg.diffusion else "perflow"
   config.model = common.tiny_model()
@@ -26,4 +27,11 @@ def get_config(arg=None):
   config.sample.prompts = ("a red circle on a blue background", "a green square on a white background")
   config.sample.num_steps = (4, 8)
   config.sample.guidance_scale = 1.0
+  if arg.sdxl:
+    config.model = common.tiny_sdxl_model()
+    config.perflow.teacher_guidance = "guided"
+    config.perflow.teacher_guidance_scale = 7.5
+    config.perflow.prediction_type = "ddim_eps"
+    config.perflow.t_grid = 200
+    config.sample.guidance_scale = 2.0
   return config

@@ -39,6 +39,10 @@ def perflow_config(**base_overrides: Any) -> ml_collections.ConfigDict:
   config.model.unet = ml_collections.ConfigDict()  # diffusers-style configs, random init only
   config.model.vae = ml_collections.ConfigDict()
   config.model.text_encoder = ml_collections.ConfigDict()
+  config.model.text_encoder_2 = ml_collections.ConfigDict()  # SDXL's second (bigG-style) encoder; empty: SD1/SD2
+  # SDXL micro-conditioning (orig_h, orig_w, crop_top, crop_left, target_h, target_w), fixed for every example;
+  # () = the reference's (R, R, 0, 0, R, R) with R = config.data.resolution.
+  config.model.time_ids = ()
 
   config.perflow = ml_collections.ConfigDict()
   config.perflow.num_windows = 4
@@ -94,7 +98,8 @@ def perflow_config(**base_overrides: Any) -> ml_collections.ConfigDict:
 RUN_SCHEMA = config_lib.training_schema(
     objective=str,
     model={"pretrained": str, "tokenizer": str, "teacher_prediction_type": str, "dtype": str, "teacher_dtype": str,
-           "remat": bool, "init_seed": int, "init_from": str, "unet": Any, "vae": Any, "text_encoder": Any},
+           "remat": bool, "init_seed": int, "init_from": str, "unet": Any, "vae": Any, "text_encoder": Any,
+           "text_encoder_2": Any, "time_ids": (tuple, list)},
     perflow={"num_windows": int, "solver": str, "solver_steps": int, "teacher_guidance": str,
              "teacher_guidance_scale": float, "prediction_type": str, "t_grid": int, "prompt_dropout": float,
              "weighting": str, "distance": str},
@@ -151,6 +156,7 @@ def validate_run_config(config: Any) -> None:
                      "diffusers folder, a single-file checkpoint or a `perflow_jax.convert` directory), or set "
                      "config.model.unet, .vae and .text_encoder (diffusers-style config dicts) to start from a "
                      "random initialisation.")
+  _validate_sdxl(config)
   if (config.objective == "perflow" and config.sample_every
       and any(n < pf.num_windows for n in config.sample.num_steps)):
     raise ValueError(f"config.sample.num_steps={tuple(config.sample.num_steps)}: PeRFlow needs at least "
@@ -178,6 +184,45 @@ def check_eval_config(ev: Any, num_windows: int) -> None:
     raise ValueError(f"config.eval.batch_size={ev.batch_size} must be >= 1.")
 
 
+def _validate_sdxl(config: Any) -> None:
+  """SDXL-specific consistency: two encoders with an SDXL UNet, widths that fit, time ids, no latent cache."""
+  mc = config.model
+  if mc.time_ids and (len(mc.time_ids) != 6 or any(float(v) < 0 for v in mc.time_ids)):
+    raise ValueError(f"config.model.time_ids={tuple(mc.time_ids)} must be () (derived from config.data.resolution) "
+                     "or 6 non-negative numbers (orig_h, orig_w, crop_top, crop_left, target_h, target_w).")
+  if mc.pretrained:
+    return  # the loaded model decides; load_pretrained brings text_encoder_2 with every SDXL checkpoint
+  sdxl_unet = bool(mc.unet) and mc.unet.get("addition_embed_type") == "text_time"
+  if sdxl_unet and not mc.text_encoder_2:
+    raise ValueError("config.model.unet is an SDXL UNet (addition_embed_type='text_time') but "
+                     "config.model.text_encoder_2 is empty: set it to the second text encoder's config (an "
+                     "OpenCLIP-bigG-style CLIPTextModelWithProjection with projection_dim), e.g. "
+                     "run_config.tiny_sdxl_model().text_encoder_2.")
+  if mc.text_encoder_2 and not sdxl_unet:
+    raise ValueError("config.model.text_encoder_2 is set, but config.model.unet is not an SDXL UNet: set "
+                     "unet.addition_embed_type='text_time' (with addition_time_embed_dim and "
+                     "projection_class_embeddings_input_dim), or clear config.model.text_encoder_2 for SD1/SD2.")
+  if not sdxl_unet:
+    return
+  te, te2, unet = mc.text_encoder, mc.text_encoder_2, mc.unet
+  if not te2.get("projection_dim"):
+    raise ValueError("config.model.text_encoder_2.projection_dim is unset: SDXL's UNet reads the second encoder's "
+                     "projected pooled output (text_embeds); set projection_dim (1280 for bigG).")
+  width = int(te.get("hidden_size", 768)) + int(te2.get("hidden_size", 768))
+  if int(unet.get("cross_attention_dim", 0)) != width:
+    raise ValueError(f"config.model.unet.cross_attention_dim={unet.get('cross_attention_dim')} must equal "
+                     f"text_encoder.hidden_size + text_encoder_2.hidden_size = {width} (SDXL concatenates both "
+                     "encoders' penultimate hidden states).")
+  added = 6 * int(unet.get("addition_time_embed_dim") or 0) + int(te2.projection_dim)
+  if int(unet.get("projection_class_embeddings_input_dim") or 0) != added:
+    raise ValueError(f"config.model.unet.projection_class_embeddings_input_dim="
+                     f"{unet.get('projection_class_embeddings_input_dim')} must equal 6 * addition_time_embed_dim + "
+                     f"text_encoder_2.projection_dim = {added}.")
+  if config.data.source == "cache":
+    raise ValueError("config.data.source='cache' stores one text encoder's context (SD1.x / SD2.x), not SDXL's "
+                     "pooled embedding: train SDXL from images (config.data.source='tfds' or 'procedural').")
+
+
 def tiny_model() -> ml_collections.ConfigDict:
   """config.model for a random-initialised tiny SD1-shaped model (UNet, VAE with 2x downsampling, CLIP text).
 
@@ -197,4 +242,28 @@ def tiny_model() -> ml_collections.ConfigDict:
   model.text_encoder = ml_collections.ConfigDict(dict(
       vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
       max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=32))
+  return model
+
+
+def tiny_sdxl_model() -> ml_collections.ConfigDict:
+  """config.model for a random-initialised tiny SDXL-shaped model.
+
+  The SDXL traits at toy size: no attention at the top UNet level, per-level transformer depth (1, 2), linear
+  projections, text_time added conditioning (time ids embedded at width 8), two text encoders (CLIP-L style
+  quick_gelu and bigG style gelu with projection, 3 layers so that its penultimate layer is not its last),
+  context 32 + 32 = 64, text_embeds 16, VAE scaling 0.13025. Both tokenizers are the procedural one; the second is
+  written with "!" padding as SDXL's tokenizer_2.
+  """
+  model = tiny_model()
+  model.unet = ml_collections.ConfigDict(dict(
+      sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+      attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+      cross_attention_dim=64, norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
+      projection_class_embeddings_input_dim=6 * 8 + 16))
+  model.vae.scaling_factor = 0.13025
+  model.text_encoder_2 = ml_collections.ConfigDict(dict(
+      architectures=("CLIPTextModelWithProjection",), vocab_size=1024, hidden_size=32, intermediate_size=64,
+      num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
+      layer_norm_eps=1e-5, projection_dim=16))
   return model

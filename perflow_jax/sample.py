@@ -5,6 +5,9 @@ r"""Samples images from a PeRFlow run or a pretrained model (plus optional delta
   python -m perflow_jax.sample --pretrained=SD15_DIR_OR_FILE --delta=delta_weights.safetensors \
       --prompts_file=prompts.txt --num_steps=8 --guidance_scale=7.5 --out=samples/
 
+SDXL runs and folders work the same way: both text encoders condition the UNet (perflow_jax.conditioning), with
+time ids (S, S, 0, 0, S, S) for images of side S unless the run fixed `model.time_ids`.
+
 Samplers: `perflow` (PeRFlowScheduler, N >= K steps) and `ddim` (the teacher's deterministic DDIM, any N, SD's
 'leading' spacing with steps_offset 1). Image i (prompt i // num_images) starts from the noise of
 fold_in(key(seed), i) whatever the batch size, so samplers and step counts compare image for image. The whole
@@ -28,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from perflow_jax import conditioning
 from perflow_jax import config_lib
 from perflow_jax import export as export_lib
 from perflow_jax import metrics
@@ -55,7 +59,22 @@ class Models:
   prediction_type: str  # the PeRFlow student's: 'diff_eps' | 'ddim_eps' | 'velocity'
   num_windows: int
   resolution: int  # default image side
+  # SDXL: the second text encoder, its params and tokenizer, and the run's fixed time ids (None: derived from the
+  # sampled side as (R, R, 0, 0, R, R), diffusers' default for a square image without crop).
+  text_encoder_2: Any = None
+  text_params_2: Any = None
+  tokenizer_2: Any = None
+  time_ids: tuple[float, ...] | None = None
   teacher_params: Any = None  # the teacher UNet's params (what `ddim` samples in an evaluation)
+
+  def encode_prompts(self, prompts: Sequence[str], side: int) -> Any:
+    """Prompts -> context [N, 77, D] (SD1/SD2) or the SDXL dict, with time ids for images of `side` pixels."""
+    if self.text_encoder_2 is None:
+      return sampling.encode_prompts(self.text_encoder, self.text_params, self.tokenizer, list(prompts))
+    return sampling.encode_prompts(self.text_encoder, self.text_params, self.tokenizer, list(prompts),
+                                   text_encoder_2=self.text_encoder_2, text_params_2=self.text_params_2,
+                                   tokenizer_2=self.tokenizer_2,
+                                   time_ids=conditioning.micro_conditioning(side, self.time_ids or ()))
 
 
 def _vae_factor(vae: Any) -> int:
@@ -95,7 +114,9 @@ def load_models(workdir: str | None = None, pretrained: str | None = None, delta
     m, pf = run.models, run.config.perflow
     return Models(m.unet, run.params, m.vae, m.vae_params, m.text_encoder, m.text_params, m.tokenizer,
                   m.scaling_factor, m.teacher_prediction_type, prediction_type or str(pf.prediction_type),
-                  int(num_windows or pf.num_windows), int(run.config.data.resolution), m.unet_params)
+                  int(num_windows or pf.num_windows), int(run.config.data.resolution), m.text_encoder_2,
+                  m.text_params_2, m.tokenizer_2, tuple(run.config.model.get("time_ids", ())) or None,
+                  teacher_params=m.unet_params)
   bundle = pretrained_lib.load_pretrained(pretrained, jnp.float32, tokenizer_path=tokenizer,
                                           config_path=config_path)
   params = bundle.unet_params
@@ -113,7 +134,7 @@ def load_models(workdir: str | None = None, pretrained: str | None = None, delta
                 bundle.tokenizer, float(bundle.config["vae"].get("scaling_factor", 0.18215)),
                 bundle.config["prediction_type"], prediction_type or meta.get("prediction_type", "diff_eps"),
                 int(num_windows or meta.get("num_windows", 4)), int(side) * _vae_factor(bundle.vae),
-                bundle.unet_params)
+                bundle.text_encoder_2, bundle.text_params_2, bundle.tokenizer_2, teacher_params=bundle.unet_params)
 
 
 def image_noise(seed: int, indices: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:
@@ -124,7 +145,10 @@ def image_noise(seed: int, indices: Sequence[int], shape: tuple[int, int, int]) 
 
 
 def make_sample_fn(models: Models, sampler: str, num_steps: int, guidance_scale: float) -> Any:
-  """jit((params, vae_params, noise [B,h,w,c], context [B,L,D], uncond [1,L,D]) -> (latents, images [-1,1]))."""
+  """jit((params, vae_params, noise [B,h,w,c], context, uncond) -> (latents, images [-1,1])).
+
+  context: [B,L,D] (SDXL: the dict of `conditioning`); uncond: the same structure with leading dim 1.
+  """
   if sampler not in SAMPLERS:
     raise ValueError(f"--sampler={sampler!r} is not one of {SAMPLERS}.")
   if sampler == "perflow":
@@ -168,7 +192,9 @@ def generate(models: Models, prompts: Sequence[str], *, negative_prompt: str = "
   h = side // _vae_factor(models.vae)
   fn = make_sample_fn(models, sampler, num_steps, guidance_scale)
   all_prompts = [p for p in prompts for _ in range(num_images)]
-  uncond = sampling.encode_prompts(models.text_encoder, models.text_params, models.tokenizer, [negative_prompt])
+  # The negative is the encoded `negative_prompt` ("" by default), as PeRFlow's training uses for SDXL too;
+  # diffusers' SDXL pipeline instead zeroes it when no negative prompt is given (force_zeros_for_empty_prompt).
+  uncond = models.encode_prompts([negative_prompt], side)
   latents, images, noises = [], [], []
   for start in range(0, len(all_prompts), batch_size):
     chunk = all_prompts[start:start + batch_size]
@@ -176,7 +202,7 @@ def generate(models: Models, prompts: Sequence[str], *, negative_prompt: str = "
     padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
     idx = list(range(start, start + len(chunk))) + [start + len(chunk) - 1] * (batch_size - len(chunk))
     noise = image_noise(seed, idx, (h, h, models.unet.config.in_channels))
-    context = sampling.encode_prompts(models.text_encoder, models.text_params, models.tokenizer, padded)
+    context = models.encode_prompts(padded, side)
     z, x = jax.device_get(fn(models.params, models.vae_params, noise, context, uncond))
     latents.append(np.asarray(z)[:len(chunk)])
     images.append(metrics.to_uint8(np.asarray(x)[:len(chunk)]))

@@ -12,30 +12,53 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from perflow_jax import conditioning
 from perflow_jax import flow
 from perflow_jax.data import tokenizer as tokenization
 from perflow_jax.flow import schedule, solvers
 
 
-def encode_prompts(text_encoder: Any, text_params: Any, tokenizer: Any, prompts: Sequence[str]) -> jax.Array:
-  """Prompts -> text context [N, 77, D] (the UNet's encoder_hidden_states).
+def encode_prompts(text_encoder: Any, text_params: Any, tokenizer: Any, prompts: Sequence[str], *,
+                   text_encoder_2: Any = None, text_params_2: Any = None, tokenizer_2: Any = None,
+                   time_ids: Any = None) -> conditioning.Context:
+  """Prompts -> the UNet's context: SD1/SD2 text context [N, 77, D]; SDXL (with text_encoder_2) the dict
+  {'hidden' [N, 77, D1+D2], 'text_embeds' [N, P], 'time_ids' [N, 6]} of `conditioning.encode_ids`.
 
   Jitted with the ids as a host array, so with sharded params (and on several processes, where every process
-  passes the same prompts) the result is one global, replicated array.
+  passes the same prompts) the result is one global, replicated array (tree).
+
+  Args:
+    text_encoder, text_params, tokenizer: the (first) text encoder, its params and tokenizer.
+    prompts: N strings.
+    text_encoder_2, text_params_2, tokenizer_2: SDXL's second encoder (OpenCLIP bigG with projection).
+    time_ids: SDXL's micro-conditioning [6] (`conditioning.micro_conditioning`).
   """
   ids = tokenization.tokenize(tokenizer, list(prompts))
-  return jax.jit(text_encoder.apply)({"params": text_params}, ids)
+  if text_encoder_2 is None:
+    return jax.jit(text_encoder.apply)({"params": text_params}, ids)
+  if tokenizer_2 is None or time_ids is None:
+    raise ValueError("SDXL prompts need tokenizer_2 and time_ids besides text_encoder_2.")
+  ids_2 = tokenization.tokenize(tokenizer_2, list(prompts))
+
+  def encode(p1, p2, ids, ids_2, time_ids):
+    return conditioning.encode_ids(text_encoder, p1, ids, text_encoder_2=text_encoder_2, text_params_2=p2,
+                                   input_ids_2=ids_2, time_ids=time_ids)
+  return jax.jit(encode)(text_params, text_params_2, ids, ids_2, np.asarray(time_ids, np.float32))
 
 
 def unet_model_fn(unet: Any, params: Any) -> Callable[[jax.Array, jax.Array, Any], jax.Array]:
-  """(z [B,h,w,c], timesteps float [B], context [B,L,D]) -> UNet output, for the schedulers."""
-  return lambda z, t, c: unet.apply({"params": params}, z, t, c)
+  """(z [B,h,w,c], timesteps float [B], context [B,L,D] or SDXL dict) -> UNet output, for the schedulers."""
+  return lambda z, t, c: conditioning.apply_unet(unet, params, z, t, c)
 
 
-def perflow_sample(unet: Any, params: Any, noise: jax.Array, context: jax.Array, uncond_context: jax.Array,
+def perflow_sample(unet: Any, params: Any, noise: jax.Array, context: Any, uncond_context: Any,
                    num_steps: int, guidance_scale: float, num_windows: int = 4,
                    prediction_type: str = "diff_eps") -> jax.Array:
-  """PeRFlow few-step sampling from `noise` [B,h,w,c] (t=1) to latents at t=0, CFG batched in one call."""
+  """PeRFlow few-step sampling from `noise` [B,h,w,c] (t=1) to latents at t=0, CFG batched in one call.
+
+  `context` is [B,L,D] (SDXL: the dict of `conditioning`), `uncond_context` the same structure with leading
+  dim 1 or B.
+  """
   scheduler = flow.PeRFlowScheduler(num_windows=num_windows, prediction_type=prediction_type)
   return scheduler.sample(unet_model_fn(unet, params), noise, num_steps, guidance_scale=guidance_scale,
                           context=context, uncond_context=uncond_context)
@@ -54,7 +77,7 @@ def ddim_leading_timesteps(num_steps: int, num_train_timesteps: int = 1000, step
   return (np.arange(int(num_steps))[::-1] * ratio + steps_offset).astype(np.int64)
 
 
-def ddim_sample(unet: Any, params: Any, noise: jax.Array, context: jax.Array, uncond_context: jax.Array,
+def ddim_sample(unet: Any, params: Any, noise: jax.Array, context: Any, uncond_context: Any,
                 num_steps: int, guidance_scale: float, prediction_type: str = "epsilon",
                 alphas_cumprod: np.ndarray | None = None, steps_offset: int = 1) -> jax.Array:
   """The teacher's deterministic DDIM (eta = 0) from `noise` [B,h,w,c] to latents, CFG batched in one call.
@@ -66,7 +89,8 @@ def ddim_sample(unet: Any, params: Any, noise: jax.Array, context: jax.Array, un
   Args:
     unet, params: the teacher (or any diffusion-trained) UNet and its params.
     noise: [B,h,w,c] standard normal latents (DDIM's init_noise_sigma is 1).
-    context: [B,L,D] prompt embeddings; uncond_context: [1 or B,L,D] the negative/empty-prompt embedding.
+    context: [B,L,D] prompt embeddings (SDXL: the conditioning dict); uncond_context: the negative/empty-prompt
+      embedding, the same structure with leading dim 1 or B.
     num_steps: any N in [1, 1000].
     guidance_scale: w; the Python number 1.0 skips the unconditional half.
     prediction_type: the UNet's, 'epsilon' or 'v_prediction'.

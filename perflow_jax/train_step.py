@@ -4,8 +4,12 @@ Everything that depends on config strings (objective, guidance mode, solver, bat
 when the step is *built*; the traced step itself has no string branches, and one run compiles one program.
 
 Batch formats (normalised by perflow_jax.data, so the step sees one structure per run):
-  images: {'images': [B, H, W, 3] float32 in [-1, 1], 'input_ids': [B, 77] int32}
-  cache:  {'latent_mean', 'latent_logvar': [B, h, w, c], 'context': [B, 77, D]}
+  images: {'images': [B, H, W, 3] float32 in [-1, 1], 'input_ids': [B, 77] int32
+           [, 'input_ids_2': [B, 77] int32 (SDXL's second tokenizer)]}
+  cache:  {'latent_mean', 'latent_logvar': [B, h, w, c], 'context': [B, 77, D]}  (SD1/SD2 only)
+
+The text context is a pytree (`perflow_jax.conditioning`): [B, 77, D] for SD1/SD2, for SDXL the dict
+{'hidden' [B, 77, D1+D2], 'text_embeds' [B, P], 'time_ids' [B, 6]}.
 """
 
 from __future__ import annotations
@@ -15,15 +19,17 @@ from typing import Any, Callable, Mapping, NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from perflow_jax import conditioning
 from perflow_jax import flow
 from perflow_jax.models.vae import sample_latents
 
 Params = Any
 Batch = Mapping[str, jax.Array]
-# (frozen, batch, key) -> (x0 latents [B, h, w, c], context [B, L, D])
-EncodeFn = Callable[[Mapping[str, Any], Batch, jax.Array], tuple[jax.Array, jax.Array]]
+# (frozen, batch, key) -> (x0 latents [B, h, w, c], context: [B, L, D] or the SDXL dict)
+EncodeFn = Callable[[Mapping[str, Any], Batch, jax.Array], tuple[jax.Array, Any]]
 
 
 @flax.struct.dataclass
@@ -79,23 +85,43 @@ def ema_update(ema_params: Params, params: Params, decay: jax.Array) -> Params:
 # ------------------------------------------------------------------------------------------------------ encoding
 
 
-def make_encode_fn(vae: Any, text_encoder: Any, scaling_factor: float, from_cache: bool) -> EncodeFn:
+def make_encode_fn(vae: Any, text_encoder: Any, scaling_factor: float, from_cache: bool, *,
+                   text_encoder_2: Any = None, time_ids: Any = None) -> EncodeFn:
   """Latents x0 (sampled from the VAE posterior, as the reference) and text context for a batch.
 
-  `frozen` holds 'vae' and 'text' params for image batches; a latent-cache batch already holds the VAE moments
-  and the text context, so neither model runs.
+  `frozen` holds 'vae' and 'text' (SDXL: also 'text_2') params for image batches; a latent-cache batch already
+  holds the VAE moments and the text context, so neither model runs.
+
+  Args:
+    vae, text_encoder: the frozen modules.
+    scaling_factor: the VAE's latent scale (0.18215 SD1/SD2, 0.13025 SDXL).
+    from_cache: batches come from a latent cache (SD1/SD2 only).
+    text_encoder_2: SDXL's second encoder (with projection); the batch then also holds 'input_ids_2'.
+    time_ids: SDXL: the fixed micro-conditioning [6] (`conditioning.micro_conditioning`).
   """
   if from_cache:
+    if text_encoder_2 is not None:
+      raise ValueError("config.data.source='cache' holds one text encoder's context (SD1.x / SD2.x); an SDXL model "
+                       "also needs the pooled embedding, which the cache does not store: train SDXL from images "
+                       "(config.data.source='tfds' or 'procedural').")
     def encode_cached(frozen, batch, key):
       del frozen
       x0 = sample_latents(key, batch["latent_mean"], batch["latent_logvar"], scaling_factor)
       return x0, batch["context"]
     return encode_cached
+  if text_encoder_2 is not None and time_ids is None:
+    raise ValueError("an SDXL encode_fn needs time_ids (conditioning.micro_conditioning(resolution)).")
+  fixed_ids = None if time_ids is None else np.asarray(time_ids, np.float32)
 
   def encode_images(frozen, batch, key):
     mean, logvar = vae.apply({"params": frozen["vae"]}, batch["images"], method=vae.encode)
     x0 = sample_latents(key, mean, logvar, scaling_factor)
-    context = text_encoder.apply({"params": frozen["text"]}, batch["input_ids"])
+    if text_encoder_2 is None:
+      context = conditioning.encode_ids(text_encoder, frozen["text"], batch["input_ids"])
+    else:
+      context = conditioning.encode_ids(text_encoder, frozen["text"], batch["input_ids"],
+                                        text_encoder_2=text_encoder_2, text_params_2=frozen["text_2"],
+                                        input_ids_2=batch["input_ids_2"], time_ids=fixed_ids)
     return jax.lax.stop_gradient(x0), jax.lax.stop_gradient(context)
   return encode_images
 
@@ -131,8 +157,9 @@ def make_perflow_objective(config: Any, unet: Any, teacher_prediction_type: str)
     t = windows.sample_t(k_t, x0.shape[0], grid=int(pf.t_grid))
     t_start, t_end = windows.bounds(t)
     z_start = flow.add_noise(x0, jax.random.normal(k_noise, x0.shape, jnp.float32), t_start, ac)
-    dropped = flow.drop_prompts(k_drop, context, frozen["empty_context"], float(pf.prompt_dropout))
-    teacher_fn = lambda z, ts, c: unet.apply({"params": frozen["teacher"]}, z, ts, c)
+    # SDXL: hidden states and pooled embedding of an example are dropped together; time ids never.
+    dropped = conditioning.drop_prompts(k_drop, context, frozen["empty_context"], float(pf.prompt_dropout))
+    teacher_fn = lambda z, ts, c: conditioning.apply_unet(unet, frozen["teacher"], z, ts, c)
     eps_fn = make_eps_fn(teacher_fn, context, dropped, frozen["empty_context"])
     z_end = flow.window_solve(eps_fn, z_start, t_start, t_end, int(pf.solver_steps), ac, solver=pf.solver)
     return {"z_t": flow.interpolate(z_start, z_end, t, t_start, t_end), "t": t, "t_start": t_start,
@@ -140,8 +167,8 @@ def make_perflow_objective(config: Any, unet: Any, teacher_prediction_type: str)
             "target": flow.perflow_target(z_start, z_end, t_start, t_end, ac, pf.prediction_type)}
 
   def loss(params, inputs):
-    prediction = unet.apply({"params": params}, inputs["z_t"], flow.student_timestep(inputs["t"]),
-                            inputs["context"])
+    prediction = conditioning.apply_unet(unet, params, inputs["z_t"], flow.student_timestep(inputs["t"]),
+                                         inputs["context"])
     return flow.perflow_loss(prediction, inputs["target"], inputs["t"], inputs["t_start"],
                              num_windows=int(pf.num_windows), weighting=pf.weighting, distance=pf.distance)
 
@@ -156,11 +183,12 @@ def make_diffusion_objective(config: Any, unet: Any, teacher_prediction_type: st
 
   def prepare(frozen, x0, context, key):
     k_drop, k_loss = jax.random.split(key)
-    dropped = flow.drop_prompts(k_drop, context, frozen["empty_context"], float(config.diffusion.prompt_dropout))
+    dropped = conditioning.drop_prompts(k_drop, context, frozen["empty_context"],
+                                        float(config.diffusion.prompt_dropout))
     return {"x0": x0, "context": dropped, "key": k_loss}
 
   def loss(params, inputs):
-    model_fn = lambda z, ts, c: unet.apply({"params": params}, z, ts, c)
+    model_fn = lambda z, ts, c: conditioning.apply_unet(unet, params, z, ts, c)
     return flow.diffusion_loss(model_fn, inputs["key"], inputs["x0"], inputs["context"], ac, prediction_type)
 
   return Objective(prepare, loss)

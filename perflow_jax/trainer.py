@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from perflow_jax import checkpoint
+from perflow_jax import conditioning
 from perflow_jax import config_lib
 from perflow_jax import metrics as metrics_lib
 from perflow_jax import models
@@ -39,7 +40,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 @dataclasses.dataclass(frozen=True)
 class ModelSet:
-  """The modules of a run and their frozen parameters (the student starts as a copy of `unet_params`)."""
+  """The modules of a run and their frozen parameters (the student starts as a copy of `unet_params`).
+
+  SDXL adds the second text encoder (OpenCLIP bigG with projection), its params and tokenizer; None otherwise.
+  """
   unet: nn.Module
   vae: nn.Module
   text_encoder: nn.Module
@@ -50,6 +54,25 @@ class ModelSet:
   unet_abstract: Any  # boxed abstract params: logical axis names for the shardings
   scaling_factor: float
   teacher_prediction_type: str
+  text_encoder_2: nn.Module | None = None
+  text_params_2: Any = None
+  tokenizer_2: Any = None
+
+  def encode_prompts(self, prompts: list[str], time_ids: Any = None) -> Any:
+    """Prompts -> context: [N, 77, D] (SD1/SD2), or the SDXL dict with `time_ids` [6] (see `conditioning`)."""
+    if self.text_encoder_2 is None:
+      return sampling.encode_prompts(self.text_encoder, self.text_params, self.tokenizer, prompts)
+    return sampling.encode_prompts(self.text_encoder, self.text_params, self.tokenizer, prompts,
+                                   text_encoder_2=self.text_encoder_2, text_params_2=self.text_params_2,
+                                   tokenizer_2=self.tokenizer_2, time_ids=time_ids)
+
+
+def sdxl_time_ids(config: Any, m: ModelSet) -> np.ndarray | None:
+  """SDXL's fixed micro-conditioning [6] for this run (config.model.time_ids, else (R, R, 0, 0, R, R) with
+  R = config.data.resolution, as the reference); None for SD1/SD2 models."""
+  if m.text_encoder_2 is None:
+    return None
+  return conditioning.micro_conditioning(int(config.data.resolution), tuple(config.model.get("time_ids", ())))
 
 
 def _component_shardings(mesh, rules, fallback):
@@ -69,11 +92,16 @@ def load_models(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> ModelSet:
     return ModelSet(bundle.unet, bundle.vae, bundle.text_encoder, bundle.tokenizer, bundle.unet_params,
                     bundle.vae_params, bundle.text_params, models.abstract_params(bundle.unet),
                     float(bundle.config["vae"].get("scaling_factor", 0.18215)),
-                    bundle.config["prediction_type"])
+                    bundle.config["prediction_type"], bundle.text_encoder_2, bundle.text_params_2,
+                    bundle.tokenizer_2)
 
   # Random initialisation from diffusers-style config dicts (the tiny test model, or a teacher trained here).
-  built = {c: pretrained_lib.build_module(c, dict(getattr(mc, c)), dtype=compute)
-           for c in ("unet", "vae", "text_encoder")}
+  # .get: the config.json of a run from before SDXL support has no text_encoder_2 field.
+  components = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if mc.get("text_encoder_2") else ())
+  # SDXL's second encoder always carries the text projection (its pooled output is the UNet's text_embeds).
+  arch = {"text_encoder_2": {"architectures": ["CLIPTextModelWithProjection"]}}
+  built = {c: pretrained_lib.build_module(c, {**arch.get(c, {}), **dict(getattr(mc, c))}, dtype=compute)
+           for c in components}
   params = {}
   key = jax.random.key(int(mc.init_seed))
   for i, (c, module) in enumerate(built.items()):
@@ -82,13 +110,22 @@ def load_models(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> ModelSet:
     params[c] = sh.init_sharded(lambda k, m=module, x=inputs: m.init(k, *x)["params"], place(abstract),
                                 jax.random.fold_in(key, i))
   tokenizer_dir = mc.tokenizer
+  # SDXL's tokenizer_2: a diffusers SDXL folder's tokenizer_2/, else the first tokenizer serves both.
+  tokenizer_2_dir = os.path.join(tokenizer_dir, "tokenizer_2") if tokenizer_dir else ""
   if tokenizer_dir in ("", "procedural"):
     # Every process writes its own copy (same bytes, no cross-process barrier); process 0's is the run's record.
     tokenizer_dir = os.path.join(workdir, "tokenizer") if jax.process_index() == 0 else tempfile.mkdtemp()
     tokenization.write_tiny_clip_tokenizer(tokenizer_dir)
+    tokenizer_2_dir = tokenizer_dir + "_2"
+    if "text_encoder_2" in built:  # the same vocabulary padded with "!" (id 0), as SDXL's tokenizer_2
+      tokenization.write_tiny_clip_tokenizer(tokenizer_2_dir, pad_token="!")
+  tokenizer_2 = None
+  if "text_encoder_2" in built:
+    tokenizer_2 = tokenization.load_tokenizer(tokenizer_2_dir if os.path.isdir(tokenizer_2_dir) else tokenizer_dir)
   return ModelSet(built["unet"], built["vae"], built["text_encoder"], tokenization.load_tokenizer(tokenizer_dir),
                   params["unet"], params["vae"], params["text_encoder"], models.abstract_params(built["unet"]),
-                  float(mc.vae.get("scaling_factor", 0.18215)), mc.teacher_prediction_type or "epsilon")
+                  float(mc.vae.get("scaling_factor", 0.18215)), mc.teacher_prediction_type or "epsilon",
+                  built.get("text_encoder_2"), params.get("text_encoder_2"), tokenizer_2)
 
 
 def _cast(tree: Any, dtype: Any) -> Any:
@@ -111,13 +148,17 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   param_shardings = sh.logical_to_shardings(m.unet_abstract, mesh, rules, fallback)
   sh.assert_sufficiently_sharded(sh.with_shardings(m.unet_abstract, param_shardings), mesh,
                                  float(config.sharding.max_replicated_fraction))
-  empty_context = sampling.encode_prompts(m.text_encoder, m.text_params, m.tokenizer, [""])
+  time_ids = sdxl_time_ids(config, m)  # SDXL: fixed (R, R, 0, 0, R, R); None for SD1/SD2
+  # The "" prompt's context: the dropped prompts' and the guided teacher's negative (SDXL: hidden + pooled).
+  empty_context = m.encode_prompts([""], time_ids)
   frozen = {"empty_context": empty_context}
   if config.objective == "perflow":  # the diffusion objective has no teacher
     frozen["teacher"] = _cast(m.unet_params, DTYPES[config.model.teacher_dtype])
   from_cache = config.data.source == "cache"
   if not from_cache:
     frozen.update(vae=m.vae_params, text=m.text_params)
+    if m.text_encoder_2 is not None:
+      frozen["text_2"] = m.text_params_2
 
   # --- train state: student (float32 master weights), optimizer, EMA; restored, or created sharded --------------
   optimizer = ts.make_optimizer(config.optim)
@@ -130,7 +171,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       jax.eval_shape(init_state, m.unet_params), (state_shardings, param_shardings))
   data_iter = pipeline.make_train_iterator(config.data, mesh, m.tokenizer, seed=int(config.data.shuffle_seed),
-                                           sharding=sh.batch_sharding(mesh, rules))
+                                           sharding=sh.batch_sharding(mesh, rules), tokenizer_2=m.tokenizer_2)
   mesh_lib.barrier("checkpoint manager")  # its creation is the first cross-process collective
   manager = checkpoint.make_checkpoint_manager(workdir, config)
   preempted = checkpoint.install_sigterm_handler()
@@ -148,8 +189,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   # --- the step, compiled ahead of time ---------------------------------------------------------------------------
   student_unet = m.unet.clone(remat=bool(config.model.remat))  # remat matters only where gradients flow
   objective = ts.OBJECTIVES[config.objective](config, student_unet, m.teacher_prediction_type)
-  step_fn = ts.make_train_step(
-      config, ts.make_encode_fn(m.vae, m.text_encoder, m.scaling_factor, from_cache), objective, optimizer)
+  encode_fn = ts.make_encode_fn(m.vae, m.text_encoder, m.scaling_factor, from_cache,
+                                text_encoder_2=m.text_encoder_2, time_ids=time_ids)
+  step_fn = ts.make_train_step(config, encode_fn, objective, optimizer)
   batch = next(data_iter)
   batch_sh = jax.tree.map(lambda x: x.sharding, batch)
   frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
@@ -167,7 +209,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   first = int(jax.device_get(state.step))
   total = int(config.total_steps)
   writer = metrics_lib.MetricsWriter(workdir, total_steps=total, start_step=first)
-  sampler = PeriodicSampler(config, m, empty_context) if int(config.sample_every) > 0 else None
+  sampler = PeriodicSampler(config, m, empty_context, time_ids) if int(config.sample_every) > 0 else None
   ckpt_dir = str(checkpoint.checkpoint_dir(workdir))
   last: dict[str, float] = {"compile_s": compile_s}
   t_last, steps_since = time.perf_counter(), 0
@@ -213,7 +255,8 @@ def evaluate_at_end(config: Any, m: ModelSet, ema_params: Any, workdir: str) -> 
   ev, pf = config.eval, config.perflow
   models = sample.Models(m.unet, ema_params, m.vae, m.vae_params, m.text_encoder, m.text_params, m.tokenizer,
                          m.scaling_factor, m.teacher_prediction_type, str(pf.prediction_type), int(pf.num_windows),
-                         int(config.data.resolution), teacher_params=m.unet_params)
+                         int(config.data.resolution), m.text_encoder_2, m.text_params_2, m.tokenizer_2,
+                         tuple(config.model.time_ids) or None, teacher_params=m.unet_params)
   out = os.path.join(workdir, "eval")
   report = evaluate.run_evaluation(
       models, out, samplers=list(ev.samplers), reference=ev.reference, prompts=ev.prompts,
@@ -230,12 +273,13 @@ class PeriodicSampler:
   shows DDIM samples of the model, read with config.diffusion.prediction_type.
   """
 
-  def __init__(self, config: Any, m: ModelSet, empty_context: jax.Array):
+  def __init__(self, config: Any, m: ModelSet, empty_context: Any, time_ids: Any = None):
+    """empty_context: the "" context (negative of CFG); time_ids: SDXL's [6] micro-conditioning, else None."""
     sc = config.sample
     self._m = m
     self._steps = tuple(int(n) for n in sc.num_steps)
     self._guidance = float(sc.guidance_scale)
-    self._context = sampling.encode_prompts(m.text_encoder, m.text_params, m.tokenizer, list(sc.prompts))
+    self._context = m.encode_prompts(list(sc.prompts), time_ids)
     self._uncond = empty_context
     latent = int(config.data.resolution) // 2 ** (len(m.vae.config.block_out_channels) - 1)
     channels = m.unet.config.in_channels

@@ -3,7 +3,8 @@ tokenize, batch, worker prefetch) -> global ``jax.Array`` batches sharded over t
 
 Batch structure (one per source kind, normalised here so the train step never branches on the source):
   image sources ('tfds', 'procedural'):
-    {'images': float32 [B, R, R, 3] in [-1, 1] (NHWC), 'input_ids': int32 [B, 77]}
+    {'images': float32 [B, R, R, 3] in [-1, 1] (NHWC), 'input_ids': int32 [B, 77]
+     [, 'input_ids_2': int32 [B, 77] (SDXL: the second tokenizer's ids of the same captions)]}
   latent cache ('cache'):
     {'latent_mean': float32 [B, h, w, c], 'latent_logvar': float32 [B, h, w, c], 'context': float32 [B, 77, D]}
 B is the global batch; each process reads ``B / process_count`` examples that no other process reads.
@@ -68,8 +69,11 @@ def check_data_config(config_data: Any) -> None:
     raise ValueError(f"config.data.shuffle_seed must be in [0, 2**32), got {config_data.shuffle_seed}")
 
 
-def make_operations(config_data: Any, tokenizer: Any, host_batch_size: int) -> list[Any]:
-  """The grain operations: normalise one example (see module docstring), then batch (dropping the remainder)."""
+def make_operations(config_data: Any, tokenizer: Any, host_batch_size: int, tokenizer_2: Any = None) -> list[Any]:
+  """The grain operations: normalise one example (see module docstring), then batch (dropping the remainder).
+
+  ``tokenizer_2`` (SDXL) adds 'input_ids_2' to image examples.
+  """
   if config_data.source == "cache":
     example = transforms.CacheExample()
   else:
@@ -79,17 +83,19 @@ def make_operations(config_data: Any, tokenizer: Any, host_batch_size: int) -> l
     example = transforms.ImageTextExample(image_key=config_data.image_key, text_key=config_data.text_key,
                                           resolution=config_data.resolution, tokenizer=tokenizer,
                                           random_crop=config_data.random_crop,
-                                          random_flip=config_data.random_flip)
+                                          random_flip=config_data.random_flip, tokenizer_2=tokenizer_2)
   return [example, grain.transforms.Batch(batch_size=host_batch_size, drop_remainder=True)]
 
 
 def make_host_loader(config_data: Any, tokenizer: Any, *, batch_size: int, process_index: int,
-                     process_count: int, seed: int | None = None, source: Any = None) -> grain.DataLoader:
+                     process_count: int, seed: int | None = None, source: Any = None,
+                     tokenizer_2: Any = None) -> grain.DataLoader:
   """A grain DataLoader yielding this process's numpy batches of ``batch_size / process_count`` examples.
 
   Process ``process_index`` of ``process_count`` reads a disjoint, equally sized slice of the dataset (the
   remainder that does not divide is dropped so every process runs the same number of steps). ``seed``
-  overrides ``config_data.shuffle_seed``; ``source`` overrides the one ``config_data`` names.
+  overrides ``config_data.shuffle_seed``; ``source`` overrides the one ``config_data`` names; ``tokenizer_2``
+  (SDXL) adds 'input_ids_2'.
   """
   check_data_config(config_data)
   if batch_size <= 0 or batch_size % process_count:
@@ -114,7 +120,7 @@ def make_host_loader(config_data: Any, tokenizer: Any, *, batch_size: int, proce
     # so accept their defaults instead of failing in the first worker.
     flags.FLAGS.mark_as_parsed()
   return grain.DataLoader(data_source=source, sampler=sampler,
-                          operations=make_operations(config_data, tokenizer, host_batch),
+                          operations=make_operations(config_data, tokenizer, host_batch, tokenizer_2),
                           worker_count=config_data.worker_count,
                           worker_buffer_size=config_data.worker_buffer_size)
 
@@ -176,7 +182,8 @@ def check_batch_divides(batch_size: int, sharding: NamedSharding) -> None:
 
 def make_train_iterator(config_data: Any, mesh: Mesh, tokenizer: Any, seed: int | None = None, *,
                         batch_size: int | None = None,
-                        sharding: NamedSharding | None = None) -> GlobalBatchIterator:
+                        sharding: NamedSharding | None = None,
+                        tokenizer_2: Any = None) -> GlobalBatchIterator:
   """The trainer's iterator of global batches (see the module docstring for their structure).
 
   Args:
@@ -187,10 +194,11 @@ def make_train_iterator(config_data: Any, mesh: Mesh, tokenizer: Any, seed: int 
     batch_size: the global batch size; None uses ``config_data.batch_size``.
     sharding: the batch sharding (e.g. from the config's sharding rules); None shards the leading dimension
       over the mesh's ('data', 'fsdp') axes.
+    tokenizer_2: SDXL's second tokenizer (batches then hold 'input_ids_2'); None for SD1.x / SD2.x.
   """
   batch_size = int(config_data.batch_size if batch_size is None else batch_size)
   sharding = batch_sharding(mesh) if sharding is None else sharding
   check_batch_divides(batch_size, sharding)
   loader = make_host_loader(config_data, tokenizer, batch_size=batch_size, process_index=jax.process_index(),
-                            process_count=jax.process_count(), seed=seed)
+                            process_count=jax.process_count(), seed=seed, tokenizer_2=tokenizer_2)
   return GlobalBatchIterator(loader, sharding, jax.process_count())

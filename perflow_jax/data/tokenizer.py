@@ -11,7 +11,8 @@ same layout as CLIP's, only smaller:
                  (by default the procedural vocabulary) becomes a single token
   last two ids   ``<|startoftext|>`` (BOS, CLIP's 49406) and ``<|endoftext|>`` (EOS, CLIP's 49407)
 
-Padding uses EOS, as the SD1.5 tokenizer does. Any text still tokenizes (byte fallback), so prompts outside the
+Padding uses EOS, as the SD1.5 tokenizer does, or "!" (id 0, ``pad_token="!"``) as SD2's tokenizer and SDXL's
+tokenizer_2 do. Any text still tokenizes (byte fallback), so prompts outside the
 vocabulary work, just with more tokens.
 """
 
@@ -110,8 +111,11 @@ def word_token(word: str, byte_map: dict[int, str] | None = None) -> str:
   return "".join(byte_map[b] for b in word.lower().encode("utf-8")) + END_OF_WORD
 
 
-def write_tiny_clip_tokenizer(path: str, words: Sequence[str] = procedural.VOCABULARY) -> str:
+def write_tiny_clip_tokenizer(path: str, words: Sequence[str] = procedural.VOCABULARY,
+                              pad_token: str = EOS_TOKEN) -> str:
   """Writes a CLIPTokenizer folder covering ``words`` (default: the procedural vocabulary); returns ``path``.
+
+  ``pad_token``: EOS (SD1.x, SDXL's first tokenizer) or "!" (SD2.x, SDXL's tokenizer_2).
 
   The folder loads with ``load_tokenizer(path)`` or ``transformers.CLIPTokenizer.from_pretrained(path)``.
   Its vocabulary size is ``len(tokenizer)`` (the text encoder's ``vocab_size`` must be at least that).
@@ -123,7 +127,9 @@ def write_tiny_clip_tokenizer(path: str, words: Sequence[str] = procedural.VOCAB
   with open(os.path.join(path, "merges.txt"), "w", encoding="utf-8") as f:
     f.write("#version: 0.2\n")
     f.writelines(f"{a} {b}\n" for a, b in merges)
-  specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
+  if pad_token not in vocab:
+    raise ValueError(f"pad_token {pad_token!r} is not in the tokenizer's vocabulary; use {EOS_TOKEN!r} or '!'.")
+  specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": pad_token, "unk_token": EOS_TOKEN}
   config = dict(specials, tokenizer_class="CLIPTokenizer", model_max_length=MAX_LENGTH, do_lower_case=True,
                 errors="replace", add_prefix_space=False)
   with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:

@@ -1,6 +1,7 @@
 """Per-example grain transforms: records of any source -> one normalised example structure.
 
-Image sources become ``{'images': float32 [R,R,3] in [-1, 1], 'input_ids': int32 [77]}``; latent caches become
+Image sources become ``{'images': float32 [R,R,3] in [-1, 1], 'input_ids': int32 [77]}`` (plus
+``'input_ids_2': int32 [77]`` from SDXL's second tokenizer); latent caches become
 ``{'latent_mean', 'latent_logvar': float32 [h,w,c], 'context': float32 [77,D]}``. Randomness (random crop, flip)
 comes from the per-record generator grain derives from the sampler seed and the record's global index, so a
 batch is the same whatever the worker count and after a restore.
@@ -92,7 +93,10 @@ def scale_to_unit(image: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class ImageTextExample(grain.transforms.RandomMap):
-  """A record -> {'images': f32 [R,R,3] in [-1,1], 'input_ids': int32 [77]}."""
+  """A record -> {'images': f32 [R,R,3] in [-1,1], 'input_ids': int32 [77][, 'input_ids_2': int32 [77]]}.
+
+  ``tokenizer_2`` (SDXL's second tokenizer) adds 'input_ids_2', the same caption tokenized by it.
+  """
 
   image_key: str
   text_key: str
@@ -100,6 +104,7 @@ class ImageTextExample(grain.transforms.RandomMap):
   tokenizer: Any
   random_crop: bool = False
   random_flip: bool = False
+  tokenizer_2: Any = None
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     image = decode_image(get_path(element, self.image_key), self.resolution)
@@ -107,8 +112,10 @@ class ImageTextExample(grain.transforms.RandomMap):
     if self.random_flip and rng.random() < 0.5:
       pixels = pixels[:, ::-1]
     text = caption_text(get_path(element, self.text_key))
-    input_ids = tokenizer_lib.tokenize(self.tokenizer, [text])[0]
-    return {"images": scale_to_unit(pixels), "input_ids": input_ids}
+    example = {"images": scale_to_unit(pixels), "input_ids": tokenizer_lib.tokenize(self.tokenizer, [text])[0]}
+    if self.tokenizer_2 is not None:
+      example["input_ids_2"] = tokenizer_lib.tokenize(self.tokenizer_2, [text])[0]
+    return example
 
 
 @dataclasses.dataclass
