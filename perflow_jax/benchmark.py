@@ -203,7 +203,7 @@ def build_step(config: Any, mesh: Any) -> StepSetup:
                                      params)
   key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
 
-  student = unet.clone(remat=bool(mc.remat))
+  student = ts.training_unet(unet, mc)
   objective = ts.OBJECTIVES[config.objective](config, student, mc.teacher_prediction_type or "epsilon")
   encode = ts.make_encode_fn(None, None, float(mc.vae.get("scaling_factor", 0.18215)), from_cache=True)
   step_fn = ts.make_train_step(config, encode, objective, optimizer)
@@ -301,6 +301,7 @@ def _describe(config: Any, mesh: Any) -> dict[str, Any]:
           "num_windows": int(pf.num_windows), "solver": pf.solver, "solver_steps": int(pf.solver_steps),
           "teacher_guidance": pf.teacher_guidance, "dtype": config.model.dtype,
           "teacher_dtype": config.model.teacher_dtype, "remat": bool(config.model.remat),
+          "attention": config.model.attention,
           "mesh": {k: int(v) for k, v in mesh.shape.items()}, "devices": jax.device_count(),
           "platform": jax.devices()[0].platform, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 

@@ -13,6 +13,7 @@ import ml_collections
 
 from perflow_jax import config_lib
 from perflow_jax.data import pipeline
+from perflow_jax.models import layers
 
 OBJECTIVES = ("perflow", "diffusion")
 STUDENT_PREDICTION_TYPES = ("diff_eps", "ddim_eps", "velocity")
@@ -20,6 +21,7 @@ TEACHER_PREDICTION_TYPES = ("epsilon", "v_prediction")
 SOLVERS = ("ddim", "ddim_grid", "dpmpp_2m")
 GUIDANCE = ("cfg_sync", "guided")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = layers.ATTENTION_IMPLS
 
 
 def perflow_config(**base_overrides: Any) -> ml_collections.ConfigDict:
@@ -34,6 +36,10 @@ def perflow_config(**base_overrides: Any) -> ml_collections.ConfigDict:
   config.model.dtype = "float32"  # compute dtype of the student (master weights are always float32)
   config.model.teacher_dtype = "float32"  # storage/compute dtype of the frozen teacher
   config.model.remat = False  # rematerialise UNet blocks in the backward pass
+  # UNet attention: 'xla' (jax.nn.dot_product_attention, full float32 logits) or 'chunked' (exact, one query
+  # chunk of logits at a time; what fits 512 px SD in 16 GiB per device). Execution only: same parameters.
+  config.model.attention = "xla"
+  config.model.attention_query_chunk = 1024  # query rows per chunk for 'chunked'
   config.model.init_seed = 0  # random init only
   config.model.init_from = ""  # a workdir: start the student from its EMA weights ('' = from the teacher)
   config.model.unet = ml_collections.ConfigDict()  # diffusers-style configs, random init only
@@ -98,8 +104,8 @@ def perflow_config(**base_overrides: Any) -> ml_collections.ConfigDict:
 RUN_SCHEMA = config_lib.training_schema(
     objective=str,
     model={"pretrained": str, "tokenizer": str, "teacher_prediction_type": str, "dtype": str, "teacher_dtype": str,
-           "remat": bool, "init_seed": int, "init_from": str, "unet": Any, "vae": Any, "text_encoder": Any,
-           "text_encoder_2": Any, "time_ids": (tuple, list)},
+           "remat": bool, "attention": str, "attention_query_chunk": int, "init_seed": int, "init_from": str,
+           "unet": Any, "vae": Any, "text_encoder": Any, "text_encoder_2": Any, "time_ids": (tuple, list)},
     perflow={"num_windows": int, "solver": str, "solver_steps": int, "teacher_guidance": str,
              "teacher_guidance_scale": float, "prediction_type": str, "t_grid": int, "prompt_dropout": float,
              "weighting": str, "distance": str},
@@ -130,6 +136,9 @@ def validate_run_config(config: Any) -> None:
   _choice(pf.teacher_guidance, GUIDANCE, "perflow.teacher_guidance")
   _choice(mc.dtype, DTYPE_NAMES, "model.dtype")
   _choice(mc.teacher_dtype, DTYPE_NAMES, "model.teacher_dtype")
+  _choice(mc.attention, ATTENTION_IMPLS, "model.attention")
+  if mc.attention_query_chunk < 1:
+    raise ValueError(f"config.model.attention_query_chunk={mc.attention_query_chunk} must be >= 1.")
   if mc.teacher_prediction_type:
     _choice(mc.teacher_prediction_type, TEACHER_PREDICTION_TYPES, "model.teacher_prediction_type")
   _choice(config.diffusion.prediction_type, TEACHER_PREDICTION_TYPES, "diffusion.prediction_type")

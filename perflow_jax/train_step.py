@@ -126,6 +126,15 @@ def make_encode_fn(vae: Any, text_encoder: Any, scaling_factor: float, from_cach
   return encode_images
 
 
+def training_unet(unet: Any, model_config: Any) -> Any:
+  """The UNet module the step runs (student and teacher alike): `unet` with config.model's remat and attention.
+
+  Both options change only how the step executes, never the parameter tree, so the same params apply.
+  """
+  return unet.clone(remat=bool(model_config.remat), attention_impl=str(model_config.attention),
+                    attention_query_chunk=int(model_config.attention_query_chunk))
+
+
 # --------------------------------------------------------------------------------------------------- objectives
 #
 # An objective is two functions: `prepare(frozen, x0, context, key) -> inputs` does everything that needs no

@@ -187,7 +187,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     state, ema_params = init_state(start)
 
   # --- the step, compiled ahead of time ---------------------------------------------------------------------------
-  student_unet = m.unet.clone(remat=bool(config.model.remat))  # remat matters only where gradients flow
+  # remat matters only where gradients flow; the attention option also bounds the teacher solve's memory.
+  student_unet = ts.training_unet(m.unet, config.model)
   objective = ts.OBJECTIVES[config.objective](config, student_unet, m.teacher_prediction_type)
   encode_fn = ts.make_encode_fn(m.vae, m.text_encoder, m.scaling_factor, from_cache,
                                 text_encoder_2=m.text_encoder_2, time_ids=time_ids)

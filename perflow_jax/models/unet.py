@@ -187,12 +187,13 @@ class BasicTransformerBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: layers.PrecisionLike = None
+  attention: layers.AttentionOptions = layers.AttentionOptions()
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
     """x: [B, T, C] tokens; context: [B, L, D] -> [B, T, C]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    attn = lambda n: _Attention(self.num_heads, precision=self.precision, name=n, **kw)
+    attn = lambda n: _Attention(self.num_heads, precision=self.precision, attention=self.attention, name=n, **kw)
     c = x.shape[-1]
     h = layers.LayerNorm(1e-5, name="norm1", **kw)(x)
     x = x + attn("attn1")(h, h)
@@ -209,6 +210,7 @@ class _Attention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: layers.PrecisionLike = None
+  attention: layers.AttentionOptions = layers.AttentionOptions()
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -216,7 +218,8 @@ class _Attention(nn.Module):
     c = x.shape[-1]
     proj = lambda n, bias=False: layers.dense(c, n, self.dtype, self.param_dtype, self.precision, use_bias=bias)
     q, k, v = proj("to_q")(x), proj("to_k")(context), proj("to_v")(context)
-    out = layers.multi_head_attention(q, k, v, self.num_heads, precision=self.precision)
+    out = layers.multi_head_attention(q, k, v, self.num_heads, precision=self.precision,
+                                      impl=self.attention.impl, query_chunk=self.attention.query_chunk)
     return proj("to_out_0", bias=True)(out)
 
 
@@ -248,6 +251,7 @@ class Transformer2D(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: layers.PrecisionLike = None
+  attention: layers.AttentionOptions = layers.AttentionOptions()
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -265,7 +269,8 @@ class Transformer2D(nn.Module):
     block = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
     context = context.astype(self.dtype)
     for i in range(self.num_layers):
-      h = block(self.num_heads, precision=self.precision, name=f"transformer_blocks_{i}", **kw)(h, context)
+      h = block(self.num_heads, precision=self.precision, attention=self.attention, name=f"transformer_blocks_{i}",
+                **kw)(h, context)
     h = proj("proj_out")(h.reshape(b, hgt, wid, c))
     return h + x.astype(self.dtype)
 
@@ -294,7 +299,7 @@ def _transformer(module: nn.Module, features: int, name: str) -> nn.Module:
   del features
   return Transformer2D(module.num_heads, module.transformer_layers, module.num_groups, module.use_linear_projection,
                        remat=module.remat, dtype=module.dtype, param_dtype=module.param_dtype,
-                       precision=module.precision, name=name)
+                       precision=module.precision, attention=module.attention, name=name)
 
 
 class DownBlock(nn.Module):
@@ -312,6 +317,7 @@ class DownBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: layers.PrecisionLike = None
+  attention: layers.AttentionOptions = layers.AttentionOptions()
 
   @nn.compact
   def __call__(self, x: jax.Array, emb_act: jax.Array, context: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
@@ -341,6 +347,7 @@ class MidBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: layers.PrecisionLike = None
+  attention: layers.AttentionOptions = layers.AttentionOptions()
 
   @nn.compact
   def __call__(self, x: jax.Array, emb_act: jax.Array, context: jax.Array) -> jax.Array:
@@ -364,6 +371,7 @@ class UpBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: layers.PrecisionLike = None
+  attention: layers.AttentionOptions = layers.AttentionOptions()
 
   @nn.compact
   def __call__(self, x: jax.Array, skips: list[jax.Array], emb_act: jax.Array, context: jax.Array,
@@ -389,12 +397,19 @@ class UNet2DConditionModel(nn.Module):
     param_dtype: parameter storage dtype (float32 master weights).
     precision: matmul/conv precision; `jax.lax.Precision.HIGHEST` for float32 parity.
     remat: rematerialise every resnet and transformer block in the backward pass (saves activation memory).
+    attention_impl: 'xla' (jax.nn.dot_product_attention; holds float32 logits [B, heads, T, S], 0.5 GiB per
+      example per self-attention layer at 64x64 latents) or 'chunked' (`layers.chunked_attention`: the same
+      result with one query chunk's logits live at a time, recomputed in the backward pass). Execution only:
+      the parameter tree is the same for both.
+    attention_query_chunk: query rows per chunk for 'chunked' (sequences no longer than this are not split).
   """
   config: UNetConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: layers.PrecisionLike = None
   remat: bool = False
+  attention_impl: str = "xla"
+  attention_query_chunk: int = layers.DEFAULT_QUERY_CHUNK
 
   def dummy_inputs(self, batch_size: int = 1) -> tuple[Any, ...]:
     """Small inputs for `init`: (sample [B,s,s,Cin], timesteps [B], context [B,77,D][, added_cond_kwargs])."""
@@ -454,8 +469,9 @@ class UNet2DConditionModel(nn.Module):
       raise ValueError(f"UNet: encoder_hidden_states width {encoder_hidden_states.shape[-1]} does not match "
                        f"cross_attention_dim={cfg.cross_attention_dim}.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    attention = layers.AttentionOptions(self.attention_impl, int(self.attention_query_chunk))
     common = dict(num_groups=cfg.norm_num_groups, eps=cfg.norm_eps, use_linear_projection=cfg.use_linear_projection,
-                  remat=self.remat, **kw)
+                  remat=self.remat, attention=attention, **kw)
     emb_act = nn.silu(self._embed_time(timesteps, sample.shape[0], added_cond_kwargs))
     context = encoder_hidden_states.astype(self.dtype)
 
