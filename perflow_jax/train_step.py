@@ -210,11 +210,20 @@ OBJECTIVES = {"perflow": make_perflow_objective, "diffusion": make_diffusion_obj
 
 
 def split_microbatches(batch: Batch, num_micro: int) -> Batch:
-  """[B, ...] -> [A, B/A, ...] for gradient accumulation over A microbatches."""
+  """[B, ...] -> [A, B/A, ...] for gradient accumulation over A microbatches, strided: microbatch i holds
+  examples i, A + i, 2A + i, ...
+
+  The batch is sharded over ('data', 'fsdp') in contiguous blocks of B/D examples per device. A contiguous split
+  (microbatch i = examples i*B/A ... (i+1)*B/A - 1) would put each microbatch on only D/A devices, and XLA would
+  move examples between devices (all-to-all) to shard it over all D again. The strided split reshapes to
+  [B/A, A] (the batch axis keeps its sharding: each device's block of B/D examples holds B/(D A) whole rows
+  when D A divides B) and swaps axes, so every device keeps its own examples in every microbatch. The mean
+  gradient over all microbatches is the same either way; only which examples share a microbatch differs.
+  """
   def split(x):
     if x.shape[0] % num_micro:
       raise ValueError(f"batch of {x.shape[0]} does not split into grad_accum_steps={num_micro} microbatches.")
-    return x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:])
+    return x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]).swapaxes(0, 1)
   return jax.tree.map(split, batch)
 
 
