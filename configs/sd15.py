@@ -29,6 +29,9 @@ def get_config(arg=None):
   config.model.dtype = "bfloat16"  # student compute; master weights stay float32
   config.model.teacher_dtype = "bfloat16"
   config.model.remat = True
+  # Exact attention one 1024-query chunk at a time: the 'xla' path holds float32 logits [B, 8, 4096, 4096]
+  # (0.5 GiB per example per self-attention layer at 64x64 latents); see README "Memory".
+  config.model.attention = "chunked"
 
   pf = config.perflow
   pf.num_windows = 4

@@ -98,6 +98,21 @@ class MemoryAndSampleModeTest(absltest.TestCase):
     self.assertEqual(memory["total_bytes"], memory["argument_bytes"] + memory["output_bytes"]
                      + memory["temp_bytes"] - memory["alias_bytes"] + memory["generated_code_bytes"])
 
+  def test_memory_mode_builds_the_configured_attention(self):
+    config = self.config.copy_and_resolve_references()
+    self.assertFalse(config.model.remat)  # so every checkpoint below comes from the attention chunks
+
+    def checkpoints(attention):
+      config.model.attention, config.model.attention_query_chunk = attention, 16
+      setup = benchmark.build_step(config, self.mesh)
+      jaxpr = str(jax.make_jaxpr(setup.step)(*setup.abstract_args))
+      return jaxpr.count("checkpoint[") + jaxpr.count("remat")
+
+    self.assertEqual(checkpoints("xla"), 0)
+    self.assertGreater(checkpoints("chunked"), 0)  # chunked attention checkpoints each query chunk
+    result = benchmark.run_memory_benchmark(config, self.mesh)
+    self.assertEqual(result["attention"], "chunked")
+
   def test_sample_mode(self):
     result = benchmark.run_sample_benchmark(self.config, self.mesh, steps=1, perflow_steps=4, ddim_steps=8)
     self.assertGreater(result["perflow_4_median_s"], 0.0)
