@@ -24,7 +24,11 @@ step: the trainer's step (`train_step.make_train_step`, same shardings and donat
 memory: lowers and compiles the step with abstract inputs only (ShapeDtypeStructs with shardings: no weight is
   materialised) on the config's mesh, and reports the compiled per-device memory. Where config.model.unet/vae are
   empty the published configs of `--family` are used (perflow_jax.weights.defaults). `--per_device_batch` sets
-  the global batch to per-device batch * devices. On CPU, `--num_devices` simulates devices.
+  the global batch to per-device batch * devices. On CPU, `--num_devices` simulates devices. The step uses
+  config.model.attention ('chunked' keeps one query chunk of attention logits live; configs/sd15.py uses it).
+  XLA:CPU's default scheduler starts many weight all-gathers early; the environment
+  `XLA_FLAGS=--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED` gives a memory-minimising schedule
+  (SD1.5, per-device batch 4, 1024-query chunks: 16.5 -> 10.0 GiB): how much of the CPU number is scheduling.
 sample: PeRFlow-N (`sampling.perflow_sample`, `--perflow_steps`) against the teacher's DDIM-M
   (`sampling.ddim_sample`, `--ddim_steps`) from the same noise at the same batch, with config.sample's guidance
   (one batched cond + uncond call per step); latents only, the VAE decode (the same for both) is not timed.

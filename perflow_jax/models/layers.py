@@ -147,6 +147,8 @@ def _precision_scope(precision: PrecisionLike):
   return jax.default_matmul_precision(name)
 
 
+# A fused 'flash' kernel (cuDNN via jax.nn.dot_product_attention(implementation='cudnn'), or Pallas on TPU) is
+# not offered: it could not be checked against these two on an accelerator here.
 ATTENTION_IMPLS = ("xla", "chunked")
 DEFAULT_QUERY_CHUNK = 1024
 
