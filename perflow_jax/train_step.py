@@ -214,8 +214,9 @@ def split_microbatches(batch: Batch, num_micro: int) -> Batch:
   examples i, A + i, 2A + i, ...
 
   The batch is sharded over ('data', 'fsdp') in contiguous blocks of B/D examples per device. A contiguous split
-  (microbatch i = examples i*B/A ... (i+1)*B/A - 1) would put each microbatch on only D/A devices, and XLA would
-  move examples between devices (all-to-all) to shard it over all D again. The strided split reshapes to
+  (microbatch i = examples i*B/A ... (i+1)*B/A - 1) would put each microbatch on only D/A devices; XLA then
+  moves examples between devices (on 8 CPU devices with A = 4 it all-gathered the whole batch onto every
+  device, tests/test_train_step.py). The strided split reshapes to
   [B/A, A] (the batch axis keeps its sharding: each device's block of B/D examples holds B/(D A) whole rows
   when D A divides B) and swaps axes, so every device keeps its own examples in every microbatch. The mean
   gradient over all microbatches is the same either way; only which examples share a microbatch differs.
