@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from typing import Any, Sequence
 
@@ -52,7 +53,7 @@ def write_init_folder(folder: str, *, ae_steps: int, seed: int) -> dict[str, Any
     module = modules[name]
     params[name] = module.init(jax.random.fold_in(key, i), *module.dummy_inputs(1))["params"]
   tmp = folder + ".partial"
-  tokenizer_dir = tokenization.write_tiny_clip_tokenizer(os.path.join(tmp, "tokenizer_src"))
+  tokenizer_dir = tokenization.write_tiny_clip_tokenizer(tempfile.mkdtemp(prefix="demo_tokenizer_"))
   wexport.write_pipeline_folder(tmp, modules, params, tokenizer_dirs={"tokenizer": tokenizer_dir},
                                 scheduler_config=SCHEDULER_CONFIG)
   with open(os.path.join(tmp, "autoencoder_stats.json"), "w", encoding="utf-8") as f:

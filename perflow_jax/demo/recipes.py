@@ -40,20 +40,20 @@ SAMPLE_PROMPTS = (
 def teacher_config(init_folder: str = "") -> ml_collections.ConfigDict:
   """The diffusion-objective recipe of the demo teacher, starting from `init_folder` (trained autoencoder,
   random UNet and text encoder: what `python -m perflow_jax.demo.build_teacher` writes first)."""
-  config = run_config.perflow_config(total_steps=2000, log_every=50, checkpoint_every=500, keep_checkpoints=1)
+  config = run_config.perflow_config(total_steps=1500, log_every=25, checkpoint_every=250, keep_checkpoints=2)
   config.objective = "diffusion"
   config.model.pretrained = init_folder
   config.diffusion.prediction_type = "epsilon"
   config.diffusion.prompt_dropout = 0.1  # the unconditional branch classifier-free guidance needs
   config.optim.learning_rate = 5e-4
-  config.optim.warmup_steps = 200
+  config.optim.warmup_steps = 100
   config.optim.weight_decay = 0.0
   config.optim.ema_decay = 0.999
   config.data.source = "procedural"
   config.data.resolution = RESOLUTION
-  config.data.batch_size = 64
+  config.data.batch_size = 32
   config.data.procedural_size = 100_000
-  config.sample_every = 500
+  config.sample_every = 250
   config.sample.prompts = SAMPLE_PROMPTS
   config.sample.num_steps = (50,)
   config.sample.guidance_scale = 3.0
