@@ -1,7 +1,7 @@
 r"""The demo teacher's recipe: a small SD-style model trained here, with the standard diffusion objective.
 
 Not run by hand: `python -m perflow_jax.demo.build_teacher --workdir=/tmp/demo_teacher_build` trains the
-autoencoder, writes the starting folder and runs this recipe through the trainer (about 40 minutes on 2 CPU
+autoencoder, writes the starting folder and runs this recipe through the trainer (about an hour on 2 busy CPU
 cores), then writes `assets/demo/teacher`. To rerun only the UNet training on a starting folder:
 
   python -m perflow_jax.train --config=configs/demo_teacher.py:init=/tmp/demo_teacher_build/init \

@@ -40,7 +40,7 @@ SAMPLE_PROMPTS = (
 def teacher_config(init_folder: str = "") -> ml_collections.ConfigDict:
   """The diffusion-objective recipe of the demo teacher, starting from `init_folder` (trained autoencoder,
   random UNet and text encoder: what `python -m perflow_jax.demo.build_teacher` writes first)."""
-  config = run_config.perflow_config(total_steps=1500, log_every=25, checkpoint_every=250, keep_checkpoints=2)
+  config = run_config.perflow_config(total_steps=2500, log_every=25, checkpoint_every=250, keep_checkpoints=2)
   config.objective = "diffusion"
   config.model.pretrained = init_folder
   config.diffusion.prediction_type = "epsilon"
