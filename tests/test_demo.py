@@ -77,7 +77,7 @@ class CommittedTeacherTest(absltest.TestCase):
 
   def test_unet_vae_and_text_encoder_match_diffusers(self):
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(TEACHER, safety_checker=None,
-                                                             requires_safety_checker=False)  # float32
+                                                             requires_safety_checker=False, dtype=torch.float32)
     rng = np.random.default_rng(0)
     ids = np.asarray(self.bundle.tokenizer([recipes.SAMPLE_PROMPTS[0]], padding="max_length", max_length=77,
                                            truncation=True).input_ids, np.int32)
