@@ -177,7 +177,7 @@ def evaluate(models: sample_lib.Models, samplers: Sequence[str], prompts: Prompt
     stats_real = frechet.feature_statistics(feature_net.features(target, batch_size))
   results = {}
   for spec in specs:
-    row: dict[str, Any] = {"seconds_per_image": timings[spec], "unet_calls_per_image": _unet_calls(spec, models)}
+    row: dict[str, Any] = {"seconds_per_image": timings[spec], "unet_calls_per_image": _unet_calls(spec)}
     row.update(fidelity(images[spec], images[reference]))
     if feature_net is not None:
       stats = frechet.feature_statistics(feature_net.features(as_float(images[spec]), batch_size))
@@ -190,7 +190,7 @@ def evaluate(models: sample_lib.Models, samplers: Sequence[str], prompts: Prompt
           "frechet_against": "reference" if real_images is None else "real", "samplers": results, "images": images}
 
 
-def _unet_calls(spec: str, models: sample_lib.Models) -> int:
+def _unet_calls(spec: str) -> int:
   """UNet evaluations per image: N steps, doubled by classifier-free guidance (batched cond + uncond)."""
   return 2 * parse_sampler(spec)[1]
 

@@ -7,6 +7,7 @@ Config files (configs/*.py) start from it and change what their recipe changes.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ml_collections
@@ -176,7 +177,6 @@ def validate_run_config(config: Any) -> None:
 
 def check_eval_config(ev: Any, num_windows: int) -> None:
   """config.eval: known samplers, a reference among them, PeRFlow step counts >= K, a feature net that exists."""
-  import os  # pylint: disable=g-import-not-at-top
   from perflow_jax import evaluate  # pylint: disable=g-import-not-at-top  (it imports the trainer's modules)
   specs = [s.strip().lower() for s in ev.samplers]
   for spec in specs:
