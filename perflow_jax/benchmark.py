@@ -25,13 +25,14 @@ memory: lowers and compiles the step with abstract inputs only (ShapeDtypeStruct
   materialised) on the config's mesh, and reports the compiled per-device memory. Where config.model.unet/vae are
   empty the published configs of `--family` are used (perflow_jax.weights.defaults). `--per_device_batch` sets
   the global batch to per-device batch * devices. On CPU, `--num_devices` simulates devices. The step uses
-  config.model.attention ('chunked' keeps one query chunk of attention logits live; configs/sd15.py uses it).
+  config.model.attention ('chunked' keeps one block of attention logits live; configs/sd15.py uses it).
   XLA:CPU's default scheduler starts many weight all-gathers early; the environment
   `XLA_FLAGS=--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED` gives a memory-minimising schedule
   (SD1.5, per-device batch 4, 1024-query chunks: 16.5 -> 10.0 GiB): how much of the CPU number is scheduling.
 sample: PeRFlow-N (`sampling.perflow_sample`, `--perflow_steps`) against the teacher's DDIM-M
   (`sampling.ddim_sample`, `--ddim_steps`) from the same noise at the same batch, with config.sample's guidance
-  (one batched cond + uncond call per step); latents only, the VAE decode (the same for both) is not timed.
+  (one batched cond + uncond call per step) and config.model.attention; latents only, the VAE decode (the same
+  for both) is not timed.
 data: input-pipeline throughput (images/s) as the trainer sees it: global batches from `make_train_iterator`
   (decode, crop, flip, tokenize, batch, transfer into sharded jax.Arrays) after a warm-up. Without --config the
   data settings come from `--data.*`; without --tokenizer a tiny CLIP tokenizer is written to a temporary folder.
@@ -40,6 +41,13 @@ XLA flags for the CPU (e.g. `--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GR
 the XLA_FLAGS environment variable. `--cpu_fast_flags` (on by default; --nocpu_fast_flags turns it off) appends
 CPU_FAST_XLA_FLAGS: XNN greedy graph fusion gave the bench step a bitwise-identical loss and halved its time here
 (83 s -> 43 s median on a heavily shared 2-core machine; the same lead as bench/README's 0.84 s -> 0.50 s forward).
+`--xla_cpu_enable_fast_math=true` made the step another ~14% faster here but is not among them: it drops NaN/Inf
+semantics, and the trainer relies on a non-finite loss surfacing as one.
+
+Where the bench step's time went (jax.profiler traces of one step on the 2-core CPU, fixed in this order):
+`jax.nn.dot_product_attention` on the 1024-token layers (now `model.attention='chunked'`, models/attention.py),
+a one-iteration gradient-accumulation loop that made XLA:CPU lower conv weight gradients to a generic
+convolution (now no loop when grad_accum_steps == 1): 23.3 s -> ~4.8 s per step.
 """
 
 from __future__ import annotations
@@ -377,10 +385,12 @@ def run_sample_benchmark(config: Any, mesh: Any, *, steps: int = 5, perflow_step
   import jax  # pylint: disable=g-import-not-at-top
 
   from perflow_jax import sampling  # pylint: disable=g-import-not-at-top
+  from perflow_jax import train_step as ts  # pylint: disable=g-import-not-at-top
 
   setup = build_step(config, mesh)
   _, params, frozen, batch, _ = materialize(setup)
-  unet, pf = setup.unet, config.perflow
+  # The step's UNet: config.model.attention applies to sampling too (remat is a no-op without a backward pass).
+  unet, pf = ts.training_unet(setup.unet, config.model), config.perflow
   guidance = float(config.sample.guidance_scale)
   noise = jax.jit(lambda m: m * float(config.model.vae.get("scaling_factor", 0.18215)))(batch["latent_mean"])
   args = (params, noise, batch["context"], frozen["empty_context"])

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from perflow_jax.models import attention
+
 Dtype = Any
 PrecisionLike = Optional[jax.lax.Precision]
 
@@ -150,14 +152,15 @@ def _precision_scope(precision: PrecisionLike):
 # A fused 'flash' kernel (cuDNN via jax.nn.dot_product_attention(implementation='cudnn'), or Pallas on TPU) is
 # not offered: it could not be checked against these two on an accelerator here.
 ATTENTION_IMPLS = ("xla", "chunked")
-DEFAULT_QUERY_CHUNK = 1024
+DEFAULT_QUERY_CHUNK = attention.DEFAULT_QUERY_CHUNK
+chunked_attention = attention.chunked_attention
 
 
 def check_attention_impl(impl: str, query_chunk: int = DEFAULT_QUERY_CHUNK) -> None:
   """Raises a ValueError naming the option when `impl` / `query_chunk` are not usable."""
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention implementation {impl!r} is not one of {ATTENTION_IMPLS} ('xla': "
-                     "jax.nn.dot_product_attention; 'chunked': query-chunked, memory-efficient).")
+                     "jax.nn.dot_product_attention; 'chunked': blockwise, memory-efficient).")
   if int(query_chunk) < 1:
     raise ValueError(f"attention query chunk {query_chunk} must be >= 1.")
 
@@ -167,76 +170,14 @@ class AttentionOptions:
   """How `multi_head_attention` computes attention (execution only: parameters and outputs do not change).
 
   Attributes:
-    impl: 'xla' (jax.nn.dot_product_attention) or 'chunked' (`chunked_attention`).
-    query_chunk: query rows per chunk for 'chunked'.
+    impl: 'xla' (jax.nn.dot_product_attention) or 'chunked' (`attention.chunked_attention`).
+    query_chunk: query rows per block for 'chunked'.
   """
   impl: str = "xla"
   query_chunk: int = DEFAULT_QUERY_CHUNK
 
   def __post_init__(self):
     check_attention_impl(self.impl, self.query_chunk)
-
-
-def _attention_logits_probs(q: jax.Array, k: jax.Array, scale: float, causal_offset: Optional[jax.Array]
-                            ) -> jax.Array:
-  """Softmax probabilities [B, N, T, S] of q [B, T, N, H] against k [B, S, N, H], in k's dtype.
-
-  The same arithmetic as the XLA path of `jax.nn.dot_product_attention` (float32-accumulated logits, scaled in
-  float32, masked with its large negative value, softmax in float32, cast back), so 'chunked' and 'xla' agree
-  to float32 rounding. `causal_offset` is the absolute index of q's first row (None: no mask).
-  """
-  # bf16/fp16 inputs: one explicit input-dtype x input-dtype -> float32 algorithm, as jax does, so the backward
-  # pass sees consistent types; float32 inputs keep the (scoped) default precision.
-  algo = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
-          jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(q.dtype))
-  logits = jnp.einsum("btnh,bsnh->bnts", q, k, precision=algo,
-                      preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
-  logits = logits * jnp.array(scale, logits.dtype)
-  if causal_offset is not None:
-    rows = causal_offset + jnp.arange(q.shape[1])
-    allowed = rows[:, None] >= jnp.arange(k.shape[1])[None, :]  # key j visible to query i iff j <= i
-    large_negative = jnp.asarray(-0.7 * float(jnp.finfo(jnp.float32).max), logits.dtype)
-    logits = jnp.where(allowed[None, None], logits, large_negative)
-  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
-
-
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, is_causal: bool = False,
-                      query_chunk: int = DEFAULT_QUERY_CHUNK) -> jax.Array:
-  """Exact attention that never holds more than one query chunk's logits (Rabe & Staats, arXiv:2112.05682).
-
-  Queries are split into chunks of `query_chunk` rows and mapped over sequentially (`lax.map`); each chunk's
-  softmax is over all keys, so it is exact (no online rescaling), in float32. Each chunk is `jax.checkpoint`ed:
-  the backward pass recomputes that chunk's logits instead of storing [B, N, T, S] for every chunk. Peak extra
-  memory is about B * N * query_chunk * S * (4 + 2 * itemsize) bytes instead of B * N * T * S * (...).
-
-  Args:
-    q: [B, T, N, H] queries; k, v: [B, S, N, H] keys and values (N heads of width H).
-    scale: multiplies the logits (head_dim ** -0.5).
-    is_causal: mask out keys after each query (needs T == S positions aligned at 0, as in CLIP).
-    query_chunk: rows per chunk; T is padded up to a multiple of it (padded rows are dropped).
-
-  Returns:
-    [B, T, N, H] in v's dtype.
-  """
-  b, t, n, h = q.shape
-  chunk = min(int(query_chunk), t)
-  num_chunks = -(-t // chunk)
-  if num_chunks == 1:  # nothing to save: the single chunk is the whole matrix
-    probs = _attention_logits_probs(q, k, scale, jnp.zeros((), jnp.int32) if is_causal else None)
-    return jnp.einsum("bnts,bsnh->btnh", probs, v)
-  pad = num_chunks * chunk - t
-  if pad:  # padded query rows attend like any row and are sliced off below; they never touch real rows
-    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  q_chunks = q.reshape(b, num_chunks, chunk, n, h).swapaxes(0, 1)  # [C, B, chunk, N, H]
-
-  @jax.checkpoint
-  def one_chunk(args):
-    q_c, index = args
-    probs = _attention_logits_probs(q_c, k, scale, index * chunk if is_causal else None)
-    return jnp.einsum("bnts,bsnh->btnh", probs, v)
-
-  out = jax.lax.map(one_chunk, (q_chunks, jnp.arange(num_chunks, dtype=jnp.int32)))  # [C, B, chunk, N, H]
-  return out.swapaxes(0, 1).reshape(b, num_chunks * chunk, n, h)[:, :t]
 
 
 def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, is_causal: bool = False,
@@ -250,9 +191,10 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: in
     is_causal: mask out keys after each query (CLIP text).
     precision: matmul precision for float32 inputs.
     impl: 'xla' = `jax.nn.dot_product_attention` (materialises float32 logits [B, heads, T, S]); 'chunked' =
-      `chunked_attention`, the same numbers with one query chunk's logits live at a time (use it at 64x64
-      latents, where the full logits are 0.5 GiB per example per layer).
-    query_chunk: query rows per chunk for impl='chunked'.
+      `attention.chunked_attention`, the same numbers one block of logits at a time, forward and backward (use
+      it at 64x64 latents, where the full logits are 0.5 GiB per example per layer, and on CPU, where it is
+      several times faster).
+    query_chunk: query rows per block for impl='chunked'.
 
   Returns:
     [B, T, C]; logits and softmax are computed in float32.
@@ -264,10 +206,11 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: in
   head_dim = c // num_heads
   split = lambda x: x.reshape(x.shape[0], x.shape[1], num_heads, head_dim)
   scale = 1.0 / math.sqrt(head_dim)
-  with _precision_scope(precision):
-    if impl == "chunked":
-      out = chunked_attention(split(q), split(k), split(v), scale, is_causal=is_causal, query_chunk=query_chunk)
-    else:
+  if impl == "chunked":
+    out = chunked_attention(split(q), split(k), split(v), scale, is_causal=is_causal, query_chunk=query_chunk,
+                            precision=precision)
+  else:
+    with _precision_scope(precision):
       out = jax.nn.dot_product_attention(split(q), split(k), split(v), scale=scale, is_causal=is_causal)
   return out.reshape(b, t, c)
 

@@ -398,9 +398,9 @@ class UNet2DConditionModel(nn.Module):
     precision: matmul/conv precision; `jax.lax.Precision.HIGHEST` for float32 parity.
     remat: rematerialise every resnet and transformer block in the backward pass (saves activation memory).
     attention_impl: 'xla' (jax.nn.dot_product_attention; holds float32 logits [B, heads, T, S], 0.5 GiB per
-      example per self-attention layer at 64x64 latents) or 'chunked' (`layers.chunked_attention`: the same
-      result with one query chunk's logits live at a time, recomputed in the backward pass). Execution only:
-      the parameter tree is the same for both.
+      example per self-attention layer at 64x64 latents) or 'chunked' (`attention.chunked_attention`: the
+      same result with one block of logits live at a time, recomputed in the backward pass; faster on CPU).
+      Execution only: the parameter tree is the same for both.
     attention_query_chunk: query rows per chunk for 'chunked' (sequences no longer than this are not split).
   """
   config: UNetConfig

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from perflow_jax import train_step as ts
+from perflow_jax.models import attention
 from perflow_jax.models import layers
 from perflow_jax.models.unet import UNet2DConditionModel
 from perflow_jax.models.unet import UNetConfig
@@ -96,6 +97,69 @@ class ChunkedAttentionTest(parameterized.TestCase):
       layers.multi_head_attention(q, k, v, 2, impl="flash")
     with self.assertRaisesRegex(ValueError, "chunk 0 must be >= 1"):
       layers.multi_head_attention(q, k, v, 2, impl="chunked", query_chunk=0)
+
+
+def _reference_attention(q, k, v, causal):
+  """Plain float64 softmax attention on [B, T, N, H] numpy arrays: the closed form the blocks must equal."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+  if causal:
+    t, s = logits.shape[-2:]
+    logits = np.where(np.arange(t)[:, None] >= np.arange(s)[None, :], logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum("bnts,bsnh->btnh", probs, v)
+
+
+class BlockwiseAttentionTest(parameterized.TestCase):
+
+  def test_heads_per_block_is_the_largest_fitting_divisor(self):
+    # 24 slices, 64 x 100 float32 logits = 25,600 bytes per slice.
+    self.assertEqual(attention.heads_per_block(24, 64, 100, block_bytes=6 * 25_600), 6)
+    self.assertEqual(attention.heads_per_block(24, 64, 100, block_bytes=5 * 25_600), 4)  # 5 does not divide 24
+    self.assertEqual(attention.heads_per_block(24, 64, 100, block_bytes=100), 1)  # never fewer than one
+    self.assertEqual(attention.heads_per_block(24, 64, 100, block_bytes=1 << 30), 24)
+    # The benchmark UNet's self-attention (4 x 8 slices of 1024 x 1024) in the single-device CPU default of 8 MiB.
+    self.assertEqual(attention.heads_per_block(32, 1024, 1024, block_bytes=attention.CPU_BLOCK_BYTES), 2)
+    # With several devices (8 simulated here) the batch may be sharded: one block over every slice.
+    self.assertGreater(jax.device_count(), 1)
+    self.assertEqual(attention.heads_per_block(32, 1024, 1024), 32)
+
+  @parameterized.named_parameters(
+      # (T, S, causal, query_chunk, block_bytes): several groups and chunks, padded rows, causal across both.
+      ("groups_and_chunks", 40, 40, False, 16, 16 * 40 * 4 * 2),
+      ("causal_groups_and_padded_chunks", 37, 37, True, 8, 8 * 37 * 4 * 3),
+      ("cross_one_slice_per_block", 24, 77, False, 24, 1),
+  )
+  def test_blocks_equal_the_closed_form_and_xla_gradients(self, t, s, causal, chunk, block_bytes):
+    b, n, h = 2, 3, 8
+    keys = jax.random.split(jax.random.key(5), 4)
+    q = jax.random.normal(keys[0], (b, t, n, h))
+    k = jax.random.normal(keys[1], (b, s, n, h))
+    v = jax.random.normal(keys[2], (b, s, n, h))
+    probe = jax.random.normal(keys[3], (b, t, n, h))
+    blocked = lambda q, k, v: attention.chunked_attention(q, k, v, h ** -0.5, causal, chunk, HIGHEST, block_bytes)
+    xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=h ** -0.5, is_causal=causal)
+    self.assertLess(_rel(blocked(q, k, v), _reference_attention(q, k, v, causal)), 2e-6)
+    grads = lambda f: jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * probe), argnums=(0, 1, 2))(q, k, v)
+    with jax.default_matmul_precision("highest"):
+      want = grads(xla)
+    for name, got, ref in zip("qkv", grads(blocked), want):
+      self.assertLess(_rel(got, ref), 1e-5, msg=f"d{name}")
+
+  def test_bfloat16_gradients_accumulate_in_float32(self):
+    # dk and dv sum over 8 query chunks: accumulated in float32 they stay within bf16 rounding of the float32
+    # gradients (the old per-chunk checkpoint summed bfloat16 partials).
+    b, t, n, h = 1, 256, 2, 16
+    keys = jax.random.split(jax.random.key(6), 4)
+    q32, k32, v32, probe = (jax.random.normal(kk, (b, t, n, h)) for kk in keys)
+    loss = lambda q, k, v: jnp.sum(attention.chunked_attention(q, k, v, h ** -0.5, query_chunk=32).astype(
+        jnp.float32) * probe)
+    want = jax.grad(loss, argnums=(0, 1, 2))(q32, k32, v32)
+    got = jax.grad(loss, argnums=(0, 1, 2))(*(a.astype(jnp.bfloat16) for a in (q32, k32, v32)))
+    for name, g, w in zip("qkv", got, want):
+      self.assertEqual(g.dtype, jnp.bfloat16)
+      self.assertLess(_rel(g, w), 2e-2, msg=f"d{name}")
 
 
 class UNetAttentionImplTest(absltest.TestCase):
