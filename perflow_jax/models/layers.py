@@ -152,6 +152,7 @@ def _precision_scope(precision: PrecisionLike):
 # A fused 'flash' kernel (cuDNN via jax.nn.dot_product_attention(implementation='cudnn'), or Pallas on TPU) is
 # not offered: it could not be checked against these two on an accelerator here.
 ATTENTION_IMPLS = ("xla", "chunked")
+# The blockwise implementation lives in models/attention.py; these names stay importable from here.
 DEFAULT_QUERY_CHUNK = attention.DEFAULT_QUERY_CHUNK
 chunked_attention = attention.chunked_attention
 
