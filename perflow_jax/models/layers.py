@@ -115,12 +115,19 @@ class GroupNorm(nn.Module):
                        "fix norm_num_groups in the model config.")
     scale, bias = _norm_params(self, c, self.param_dtype)
     b, g = x.shape[0], self.num_groups
-    xg = x.astype(jnp.float32).reshape(b, -1, g, c // g)
-    mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
-    var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
-    mul = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32).reshape(1, 1, g, c // g)
-    add = bias.astype(jnp.float32).reshape(1, 1, g, c // g) - mean * mul
-    return (xg * mul + add).reshape(x.shape).astype(self.dtype)
+    x32 = x.astype(jnp.float32).reshape(b, -1, c)  # [B, positions, C]
+    count = x32.shape[1] * (c // g)
+    # Sum over positions into [B, C] first, then over each group's channels: the big reduction keeps the channel
+    # axis whole and contiguous, so it vectorises (reducing straight to [B, G] over a minor axis of C/G channels
+    # measured 2.5-5x slower on CPU and did not use the second core).
+    def group_mean(y):  # [B, positions, C] -> each channel's group mean, [B, 1, C]
+      sums = jnp.sum(jnp.sum(y, axis=1).reshape(b, g, c // g), axis=-1) / count  # [B, G]
+      return jnp.repeat(sums, c // g, axis=1)[:, None, :]
+    mean = group_mean(x32)
+    var = group_mean(jnp.square(x32 - mean))
+    mul = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+    add = bias.astype(jnp.float32) - mean * mul
+    return (x32 * mul + add).reshape(x.shape).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
