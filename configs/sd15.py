@@ -31,7 +31,7 @@ def get_config(arg=None):
   config.model.remat = True
   # Exact attention, 512 queries at a time: the 'xla' path holds float32 logits [B, 8, 4096, 4096] (0.5 GiB per
   # example per self-attention layer at 64x64 latents). Full-size step on 8 simulated devices, FSDP 8, per-device
-  # batch 4 (benchmark --mode=memory): 40.1 GiB/device with 'xla', 16.5 with 1024-query chunks, 14.98 with 512.
+  # batch 4 (benchmark --mode=memory): 40.1 GiB/device with 'xla', 16.5 with 1024-query chunks, 14.89 with 512.
   config.model.attention = "chunked"
   config.model.attention_query_chunk = 512
 

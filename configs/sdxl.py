@@ -39,7 +39,7 @@ def get_config(arg=None):
   config.model.teacher_dtype = "bfloat16"
   config.model.remat = True  # the reference trains SDXL with gradient checkpointing
   # 128x128 latents at 1024 px: self-attention over 4096 tokens at the second level, as SD1.5's first level at
-  # 512 px, where exact query-chunked attention took the step from 40.1 to 14.98 GiB/device (README, Measured).
+  # 512 px, where exact query-chunked attention took the step from 40.1 to 14.89 GiB/device (README, Measured).
   config.model.attention = "chunked"
   config.model.attention_query_chunk = 512
 

@@ -55,6 +55,23 @@ class NormTest(absltest.TestCase):
     fast_var = np.mean(xg * xg, axis=(1, 3), keepdims=True) - np.square(np.mean(xg, axis=(1, 3), keepdims=True))
     true_var = np.var(xg.astype(np.float64), axis=(1, 3), keepdims=True)
     self.assertGreater(float(np.max(np.abs(fast_var / true_var - 1))), 1e-2)  # what fast variance would cost
+  def test_group_norm_gradients_match_torch(self):
+    # The statistics sum over positions first and then over each group's channels; the input, scale and bias
+    # gradients must still be torch's (several channels per group, an odd number of positions).
+    x = np.random.default_rng(3).standard_normal((2, 3, 5, 12)).astype(np.float32)
+    probe = np.random.default_rng(4).standard_normal(x.shape).astype(np.float32)
+    ref = tl.perturb_(torch.nn.GroupNorm(3, 12, eps=1e-5), seed=3, scale=0.3)
+    x_torch = tl.nhwc_to_nchw(x).requires_grad_()
+    with torch.enable_grad():
+      (ref(x_torch) * tl.nhwc_to_nchw(probe)).sum().backward()
+    ours = layers.GroupNorm(3, 1e-5)
+    params = _params_for(ours, ref, x)
+    loss = lambda p, x: jnp.sum(ours.apply({"params": p}, x) * probe)
+    d_params, d_x = jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(x))
+    self.assertLess(_rel(d_x, tl.nchw_to_nhwc(x_torch.grad)), 1e-5)
+    self.assertLess(_rel(d_params["scale"], ref.weight.grad), 1e-5)
+    self.assertLess(_rel(d_params["bias"], ref.bias.grad), 1e-5)
+
 
   def test_layer_norm_small_variance(self):
     x = (3e-3 * np.random.default_rng(2).standard_normal((3, 7, 24))).astype(np.float32)
