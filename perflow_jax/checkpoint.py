@@ -9,13 +9,13 @@ Each checkpoint step holds four items:
 Saves are async (the device->host copy happens before ``save_checkpoint`` returns, so donating the state to the
 next step is safe) and atomic (orbax writes to a temporary directory and renames it on commit), every
 ``config.checkpoint_every`` steps, keeping the last ``config.keep_checkpoints``. Restore reads the newest step into
-abstract targets that carry shardings, so arrays land sharded; if the newest step is damaged it falls back to the
-one before with a warning.
+abstract targets that carry shardings, so arrays land sharded; if the newest step is unreadable on any process, all
+processes fall back to the one before, and the unreadable step is moved aside (``checkpoints_damaged/``).
 
 Typical use in a trainer::
 
   manager = make_checkpoint_manager(workdir, config)
-  preempted = install_sigterm_handler()
+  preempted = perflow_jax.preemption.install_handlers()
   restored = restore_checkpoint(manager, abstract_state, abstract_ema, data_iterator=it)
   for step in range(first, config.total_steps + 1):
     ...
@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import threading
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from grain import python as grain_python
-from jax.experimental import multihost_utils
+
+from perflow_jax.parallel import distributed
 
 ITEMS = ("state", "ema", "data", "config")
 
@@ -143,12 +142,15 @@ def restore_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: Any, abstract_ema: Any,
                        data_iterator: Any = None,
                        check_config: Callable[[dict[str, Any]], None] | None = None) -> Restored | None:
-  """Restores the newest readable checkpoint, falling back past damaged ones; None when there is none.
+  """Restores the newest checkpoint that every process can read; None when there is none.
 
-  A step that cannot be read (a truncated or missing file) is logged as a warning and skipped; once an older
-  step restores, the damaged newer steps are deleted so that the run can save those step numbers again.
-  ``check_config`` is called with each candidate's saved config before its arrays are read; the ValueError it
-  raises (e.g. a different model shape) is not a damaged checkpoint and propagates.
+  All processes try the same steps, newest first, and agree after each try (through the coordination service, not
+  a collective): a step that any process could not read (a truncated or missing file, a transient read error) is
+  skipped by all of them, so every process restores the same step. The skipped newer steps are then moved aside to
+  ``workdir/checkpoints_damaged/`` (never deleted: a step that failed for a transient reason can be moved back), so
+  that the run can save those step numbers again. ``check_config`` is called with each candidate's saved config
+  before its arrays are read; the ValueError it raises (e.g. a different model shape) is not a damaged checkpoint
+  and propagates.
 
   Args:
     manager: from ``make_checkpoint_manager``.
@@ -161,42 +163,82 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: Any, abst
   Returns:
     ``Restored(step, state, ema, config)`` or None when the directory holds no checkpoint.
   """
-  steps = sorted(manager.all_steps(), reverse=True)
+  steps = _steps_on_every_process(manager)
   if not steps:
     return None
   damaged: list[tuple[int, str]] = []
   for step in steps:
-    try:
-      saved_config = restore_config(manager, step)
-    except Exception as e:  # pylint: disable=broad-except
-      damaged.append((step, f"{type(e).__name__}: {e}"))
-      logging.warning("Checkpoint step %d in %s has an unreadable config (%s); trying an older one.", step,
-                      manager.directory, e)
+    restored, error = _try_restore(manager, step, abstract_state, abstract_ema, data_iterator, check_config)
+    errors = distributed.all_gather_strings(f"restore step {step}", error)
+    if any(errors):
+      why = "; ".join(f"process {i}: {e}" for i, e in enumerate(errors) if e)
+      damaged.append((step, why))
+      logging.warning("Checkpoint step %d in %s cannot be restored (%s); trying an older one.", step,
+                      manager.directory, why[:1000])
       continue
-    if check_config is not None:
-      check_config(saved_config)
-    items = {"state": ocp.args.StandardRestore(abstract_state), "ema": ocp.args.StandardRestore(abstract_ema)}
-    if data_iterator is not None:
-      if _has_item(manager, step, "data"):
-        items["data"] = grain_python.PyGrainCheckpointRestore(data_iterator)
-      else:
-        logging.warning("Checkpoint step %d has no data iterator state; the input pipeline starts afresh.", step)
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # pylint: disable=broad-except
-      damaged.append((step, f"{type(e).__name__}: {e}"))
-      logging.warning("Checkpoint step %d in %s is damaged (%s: %s); falling back to an older checkpoint.", step,
-                      manager.directory, type(e).__name__, e)
-      continue
-    for bad_step, _ in damaged:
-      logging.warning("Deleting damaged checkpoint step %d (restored step %d instead).", bad_step, step)
-      manager.delete(bad_step)
+    if damaged:
+      _move_aside(manager, [s for s, _ in damaged], restored_step=step)
     logging.info("Restored checkpoint step %d from %s", step, manager.directory)
-    return Restored(step, restored["state"], restored["ema"], saved_config)
+    return Restored(step, restored["state"], restored["ema"], restored["config"])
   details = "; ".join(f"step {s}: {msg[:300]}" for s, msg in damaged)
   raise CheckpointUnreadableError(
       f"No checkpoint in {manager.directory} could be restored ({details}). If the model or optimizer changed "
       "since these were written, use a new --workdir; otherwise move the damaged step directories away.")
+
+
+def _steps_on_every_process(manager: ocp.CheckpointManager) -> list[int]:
+  """The steps every process sees in the directory, newest first (a listing can lag on a shared filesystem)."""
+  local = sorted(manager.all_steps(), reverse=True)
+  seen = [json.loads(s) for s in distributed.all_gather_strings("checkpoint steps", json.dumps(local))]
+  common = set(local).intersection(*map(set, seen))
+  for i, steps in enumerate(seen):
+    if set(steps) != common:
+      logging.warning("Process %d sees checkpoint steps %s that not every process sees; they are not restored.",
+                      i, sorted(set(steps) - common))
+  return sorted(common, reverse=True)
+
+
+def _try_restore(manager, step, abstract_state, abstract_ema, data_iterator, check_config):
+  """This process's attempt at ``step``: (items, '') or (None, the reason it failed)."""
+  try:
+    saved_config = restore_config(manager, step)
+  except Exception as e:  # pylint: disable=broad-except
+    return None, f"unreadable config ({type(e).__name__}: {str(e)[:500]})"
+  if check_config is not None:
+    check_config(saved_config)
+  items = {"state": ocp.args.StandardRestore(abstract_state), "ema": ocp.args.StandardRestore(abstract_ema)}
+  if data_iterator is not None:
+    if _has_item(manager, step, "data"):
+      items["data"] = grain_python.PyGrainCheckpointRestore(data_iterator)
+    else:
+      logging.warning("Checkpoint step %d has no data iterator state; the input pipeline starts afresh.", step)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # pylint: disable=broad-except
+    return None, f"{type(e).__name__}: {str(e)[:500]}"
+  return {"state": restored["state"], "ema": restored["ema"], "config": saved_config}, ""
+
+
+def damaged_dir(workdir: str | epath.PathLike) -> epath.Path:
+  """``workdir/checkpoints_damaged``: where unreadable steps are moved, outside orbax's view."""
+  return epath.Path(workdir) / "checkpoints_damaged"
+
+
+def _move_aside(manager: ocp.CheckpointManager, steps: list[int], restored_step: int) -> None:
+  """Process 0 moves the unreadable ``steps`` to ``checkpoints_damaged/<step>[.<n>]``; every process then reloads."""
+  directory = epath.Path(manager.directory)
+  if jax.process_index() == 0:
+    target_root = damaged_dir(directory.parent)
+    target_root.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      target, n = target_root / str(step), 1
+      while target.exists():
+        target, n = target_root / f"{step}.{n}", n + 1
+      (directory / str(step)).rename(target)
+      logging.warning("Moved unreadable checkpoint step %d to %s (restored step %d instead). Delete it when you "
+                      "no longer need it.", step, target, restored_step)
+  distributed.barrier("damaged checkpoints moved aside")
+  manager.reload()
 
 
 class CheckpointUnreadableError(ValueError):
@@ -213,41 +255,6 @@ def close(manager: ocp.CheckpointManager) -> None:
   """Finishes pending saves and releases the manager's threads."""
   manager.wait_until_finished()
   manager.close()
-
-
-def install_sigterm_handler() -> Callable[[int], bool]:
-  """Makes preemption (SIGTERM) visible to the training loop; returns ``preempted(step) -> bool`` to poll.
-
-  Single process: a Python SIGTERM handler sets a flag, and ``preempted`` returns True from then on; the trainer
-  saves at its current step (``force=True``), closes the manager and returns, so the process exits 0.
-
-  Several processes: all of them must save at the same step, so ``preempted`` asks JAX's preemption sync point
-  (``multihost_utils.reached_preemption_sync_point``), which the distributed runtime's own SIGTERM notifier feeds
-  and which returns True on every process at one agreed step. No Python handler is installed then, because it
-  would replace that notifier. Call it on every process at every step.
-  """
-  if jax.process_count() > 1:
-    def preempted_multihost(step: int) -> bool:
-      try:
-        return bool(multihost_utils.reached_preemption_sync_point(step))
-      except RuntimeError:  # The preemption service is disabled (jax_enable_preemption_service=False).
-        return False
-    return preempted_multihost
-
-  received = threading.Event()
-
-  def on_sigterm(signum, frame):
-    del frame
-    logging.warning("Received signal %d: saving a checkpoint at the current step, then stopping.", signum)
-    received.set()
-
-  signal.signal(signal.SIGTERM, on_sigterm)
-
-  def preempted(step: int) -> bool:
-    del step
-    return received.is_set()
-
-  return preempted
 
 
 def saved_config(workdir: str | epath.PathLike, step: int | None = None) -> Mapping[str, Any] | None:

@@ -27,6 +27,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from perflow_jax.parallel import distributed as distributed_lib
 from perflow_jax.parallel import mesh as mesh_lib
 from perflow_jax.parallel import sharding as sharding_lib
 
@@ -94,10 +95,12 @@ def base_config(**overrides: Any) -> ml_collections.ConfigDict:
   Fields:
     seed: base of all randomness (``jax.random.fold_in(key, step)`` per step).
     total_steps, log_every, checkpoint_every, keep_checkpoints: run length and cadences, in optimizer steps.
-    mesh.data, mesh.fsdp: mesh axis sizes; -1 = the remaining devices (default: pure FSDP).
+    mesh.data, mesh.fsdp: total mesh axis sizes; -1 = the remaining devices (default: pure FSDP).
+    mesh.dcn_data: slices (multi-slice TPU; hosts on multi-node GPU) the 'data' axis spans over the data-center
+      network; 1 = one slice. See ``perflow_jax.parallel.mesh``.
     sharding.rules: (logical axis name, mesh axes) pairs; sharding.fallback_to_largest: see
       ``perflow_jax.parallel.sharding``; sharding.max_replicated_fraction: start-up sharding check tolerance.
-    distributed.*: multi-process start-up (see ``perflow_jax.parallel.mesh.distributed_args``).
+    distributed.*: multi-process start-up (see ``perflow_jax.parallel.distributed``).
   """
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -105,7 +108,7 @@ def base_config(**overrides: Any) -> ml_collections.ConfigDict:
   config.log_every = 50
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3
-  config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1})
+  config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "dcn_data": 1})
   config.sharding = ml_collections.ConfigDict({
       "rules": sharding_lib.DEFAULT_RULES,
       "fallback_to_largest": True,
@@ -132,7 +135,7 @@ TRAINING_SCHEMA: Mapping[str, Any] = {
     "log_every": int,
     "checkpoint_every": int,
     "keep_checkpoints": int,
-    "mesh": {"data": int, "fsdp": int},
+    "mesh": {"data": int, "fsdp": int, "dcn_data": int},
     "sharding": {"rules": (tuple, list), "fallback_to_largest": bool, "max_replicated_fraction": float},
     "distributed": {"coordinator_address": str, "num_processes": int, "process_id": int, "auto_detect": bool},
 }
@@ -192,12 +195,16 @@ def check_training_values(config: Any) -> None:
   if config.log_every > config.total_steps:
     raise ValueError(f"config.log_every={config.log_every} exceeds config.total_steps={config.total_steps}: "
                      "nothing would be logged; lower log_every.")
-  mesh = dict(config.mesh)
+  mesh = {axis: config.mesh[axis] for axis in mesh_lib.MESH_AXES}
   for axis, size in mesh.items():
     if size == 0 or size < -1:
       raise ValueError(f"config.mesh.{axis}={size}: an axis size is a positive integer or -1 (the rest).")
   if list(mesh.values()).count(-1) > 1:
     raise ValueError(f"config.mesh has -1 on more than one axis ({mesh}); at most one axis can be -1.")
+  slices = mesh_lib.num_slices(config.mesh)  # a positive int
+  if mesh["data"] != -1 and mesh["data"] % slices:
+    raise ValueError(f"config.mesh.data={mesh['data']} is not divisible by config.mesh.dcn_data={slices}: the data "
+                     f"axis is split evenly over the slices; make data a multiple of {slices}.")
   rules = sharding_lib.normalize_rules(config.sharding.rules)
   for name, axes in rules:
     for axis in axes:
@@ -209,7 +216,7 @@ def check_training_values(config: Any) -> None:
   fraction = config.sharding.max_replicated_fraction
   if not 0.0 <= fraction <= 1.0:
     raise ValueError(f"config.sharding.max_replicated_fraction={fraction} must be in [0, 1].")
-  mesh_lib.distributed_args(config.distributed, env={})  # Raises on an incomplete multi-process setting.
+  distributed_lib.distributed_args(config.distributed, env={})  # Raises on an incomplete multi-process setting.
 
 
 def validate(config: Any, schema: Mapping[str, Any] = TRAINING_SCHEMA) -> None:
@@ -257,4 +264,7 @@ def load_config_json(path: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise ValueError(f"{path} does not exist; pass a run's workdir or its config.json.")
   with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+    data = json.load(f)
+  if isinstance(data.get("mesh"), dict):
+    data["mesh"].setdefault("dcn_data", 1)  # runs written before config.mesh.dcn_data existed: one slice
+  return ml_collections.ConfigDict(data)

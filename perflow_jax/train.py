@@ -6,15 +6,21 @@ r"""Trains a PeRFlow student (or, with objective='diffusion', a teacher) from a 
 
 Every config field can be overridden with --config.a.b=value; unknown fields and inconsistent values are
 rejected before anything starts. Rerunning with the same --workdir resumes from its newest intact checkpoint.
+
+Exit status: 0 when the run reached config.total_steps; 75 after a preemption (SIGTERM) or a first Ctrl-C, once
+every process has saved the same step (the launchers in launch/ restart the job on 75, and it resumes); anything
+else is an error. A second Ctrl-C aborts without a final checkpoint.
 """
 
 import logging as std_logging
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from perflow_jax import preemption
 from perflow_jax import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -31,7 +37,11 @@ def main(argv):
   # orbax logs every save step at INFO; keep the console for the progress line.
   std_logging.getLogger("absl").addFilter(
       lambda r: not r.pathname or "orbax" not in r.pathname or r.levelno >= std_logging.WARNING)
-  trainer.train(_CONFIG.value, _WORKDIR.value)
+  try:
+    trainer.train(_CONFIG.value, _WORKDIR.value)
+  except preemption.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(preemption.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -26,11 +26,13 @@ from perflow_jax import conditioning
 from perflow_jax import config_lib
 from perflow_jax import metrics as metrics_lib
 from perflow_jax import models
+from perflow_jax import preemption
 from perflow_jax import run_config
 from perflow_jax import sampling
 from perflow_jax import train_step as ts
 from perflow_jax.data import pipeline
 from perflow_jax.data import tokenizer as tokenization
+from perflow_jax.parallel import distributed
 from perflow_jax.parallel import mesh as mesh_lib
 from perflow_jax.parallel import sharding as sh
 from perflow_jax.weights import pretrained as pretrained_lib
@@ -133,10 +135,15 @@ def _cast(tree: Any, dtype: Any) -> Any:
 
 
 def train(config: Any, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) the run of `config` in `workdir`; returns the last logged metrics."""
+  """Trains (or resumes) the run of `config` in `workdir`; returns the last logged metrics.
+
+  Raises:
+    preemption.Preempted: after SIGTERM or Ctrl-C, once the checkpoint of the step every process stopped at is
+      committed; calling `train` again resumes from it.
+  """
   # --- runtime and mesh -----------------------------------------------------------------------------------------
   run_config.validate_run_config(config)
-  mesh_lib.maybe_initialize_distributed(config)
+  distributed.maybe_initialize_distributed(config)
   mesh = mesh_lib.make_mesh(config.mesh)
   rules, fallback = sh.rules_from_config(config), bool(config.sharding.fallback_to_largest)
   config_lib.write_config_json(config, workdir)
@@ -172,9 +179,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       jax.eval_shape(init_state, m.unet_params), (state_shardings, param_shardings))
   data_iter = pipeline.make_train_iterator(config.data, mesh, m.tokenizer, seed=int(config.data.shuffle_seed),
                                            sharding=sh.batch_sharding(mesh, rules), tokenizer_2=m.tokenizer_2)
-  mesh_lib.barrier("checkpoint manager")  # its creation is the first cross-process collective
+  distributed.barrier("checkpoint manager")  # its creation is the first cross-process collective
   manager = checkpoint.make_checkpoint_manager(workdir, config)
-  preempted = checkpoint.install_sigterm_handler()
+  preempted = preemption.install_handlers()  # SIGTERM and Ctrl-C: save at an agreed step, then stop
   restored = checkpoint.restore_checkpoint(manager, abstract_state, abstract_ema, data_iterator=data_iter)
   if restored is not None:
     state, ema_params = restored.state, restored.ema
@@ -204,17 +211,18 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   compiled = jitted.lower(state, ema_params, frozen, batch, base_key).compile()
   compile_s = time.perf_counter() - t0
   logging.info("Step compiled in %.1f s; per-device memory %s", compile_s, sh.compiled_memory(compiled))
-  mesh_lib.barrier("step compiled")  # processes whose compile times differ start stepping together
+  distributed.barrier("step compiled")  # processes whose compile times differ start stepping together
 
   # --- loop -------------------------------------------------------------------------------------------------------
   first = int(jax.device_get(state.step))
   total = int(config.total_steps)
   writer = metrics_lib.MetricsWriter(workdir, total_steps=total, start_step=first)
-  sampler = PeriodicSampler(config, m, empty_context, time_ids) if int(config.sample_every) > 0 else None
+  sampler = PeriodicSampler(config, m, mesh, empty_context, time_ids) if int(config.sample_every) > 0 else None
   ckpt_dir = str(checkpoint.checkpoint_dir(workdir))
   last: dict[str, float] = {"compile_s": compile_s}
   t_last, steps_since = time.perf_counter(), 0
   finished = first >= total
+  stopped_at = None
   try:
     for step in range(first + 1, total + 1):
       if step > first + 1:
@@ -238,12 +246,16 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         sampler.write(writer, workdir, step, ema_params)
       checkpoint.save_checkpoint(manager, step, state, ema_params, config, data_iter, force=stop or step == total)
       if stop:
-        logging.warning("Preempted: checkpoint saved at step %d; exiting.", step)
+        stopped_at = step
         break
       finished = step == total
   finally:  # also on an error: pending async saves commit, so the last good checkpoint is on disk
     checkpoint.close(manager)
     writer.close()
+  if stopped_at is not None:  # the checkpoint is committed (close waited for it)
+    logging.warning("Preempted: checkpoint saved at step %d; exiting with status %d so that the launcher restarts "
+                    "the run.", stopped_at, preemption.PREEMPTED_EXIT_CODE)
+    raise preemption.Preempted(stopped_at, workdir)
   if finished and config.eval.at_end:
     evaluate_at_end(config, m, ema_params, workdir)
   return last
@@ -274,8 +286,12 @@ class PeriodicSampler:
   shows DDIM samples of the model, read with config.diffusion.prediction_type.
   """
 
-  def __init__(self, config: Any, m: ModelSet, empty_context: Any, time_ids: Any = None):
-    """empty_context: the "" context (negative of CFG); time_ids: SDXL's [6] micro-conditioning, else None."""
+  def __init__(self, config: Any, m: ModelSet, mesh: jax.sharding.Mesh, empty_context: Any, time_ids: Any = None):
+    """empty_context: the "" context (negative of CFG); time_ids: SDXL's [6] micro-conditioning, else None.
+
+    Every process runs the sampler (the EMA params are sharded across all of them); the images come out replicated,
+    so each process holds the whole grid, and process 0 writes it.
+    """
     sc = config.sample
     self._m = m
     self._steps = tuple(int(n) for n in sc.num_steps)
@@ -300,7 +316,7 @@ class PeriodicSampler:
                                  config.diffusion.prediction_type)
       return sampling.decode_latents(m.vae, vae_params, z, m.scaling_factor)
 
-    self._run = jax.jit(run, static_argnums=(5,))
+    self._run = jax.jit(run, static_argnums=(5,), out_shardings=sh.replicated(mesh))
 
   def write(self, writer: metrics_lib.MetricsWriter, workdir: str, step: int, params: Any) -> None:
     """One row per step count, one column per prompt; to TensorBoard and `samples/step_<step>.png`."""
@@ -311,4 +327,6 @@ class PeriodicSampler:
     grid = metrics_lib.image_grid(np.concatenate(rows), ncols=len(self._prompts), labels=labels)
     writer.write_images(step, {"samples": grid})
     if writer.enabled:
-      metrics_lib.save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+      path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+      metrics_lib.save_png(grid, path)
+      logging.info("Samples of step %d written to %s", step, path)

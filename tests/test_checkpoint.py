@@ -180,7 +180,10 @@ class CheckpointTest(absltest.TestCase):
     np.testing.assert_array_equal(np.asarray(restored.state["params"]["w"]),
                                   np.asarray(_state(self.mesh, 2.0)["params"]["w"]))
     self.assertIn("Checkpoint step 4", logs)
-    self.assertEqual(steps_after, [2])  # The damaged step is gone, so step 4 can be saved again.
+    self.assertEqual(steps_after, [2])  # The damaged step is out of orbax's view, so step 4 can be saved again ...
+    moved = pathlib.Path(self.workdir) / "checkpoints_damaged" / "4"  # ... and moved aside, not deleted.
+    self.assertTrue((moved / "state").is_dir())
+    self.assertIn("Moved unreadable checkpoint step 4", logs)
     self.assertEqual(next(it), next(_iterator(2)))
 
   def test_deleted_metadata_file_falls_back_to_previous(self):
@@ -190,8 +193,9 @@ class CheckpointTest(absltest.TestCase):
         f.unlink()
     restored, logs, steps_after, _ = self._restore_after(delete)
     self.assertEqual(restored.step, 2)
-    self.assertIn("damaged", logs)
+    self.assertIn("cannot be restored", logs)
     self.assertEqual(steps_after, [2])
+    self.assertTrue((pathlib.Path(self.workdir) / "checkpoints_damaged" / "4" / "ema").is_dir())
 
   def test_all_damaged_raises_naming_the_directory(self):
     self._save_steps([2])
@@ -227,11 +231,11 @@ class CheckpointTest(absltest.TestCase):
 _SIGTERM_SCRIPT = textwrap.dedent("""
     import pathlib, sys, time
     import jax, jax.numpy as jnp, ml_collections
-    from perflow_jax import checkpoint
+    from perflow_jax import checkpoint, preemption
     workdir = pathlib.Path(sys.argv[1])
     config = ml_collections.ConfigDict({"checkpoint_every": 1000, "keep_checkpoints": 2, "total_steps": 10**6})
     manager = checkpoint.make_checkpoint_manager(workdir, config)
-    preempted = checkpoint.install_sigterm_handler()
+    preempted = preemption.install_handlers()
     state = {"w": jnp.zeros((4,), jnp.float32), "step": 0}
     for step in range(1, config.total_steps + 1):
       state = {"w": state["w"] + 1.0, "step": step}
@@ -248,7 +252,7 @@ _SIGTERM_SCRIPT = textwrap.dedent("""
 
 class SigtermTest(absltest.TestCase):
 
-  def test_sigterm_saves_current_step_and_exits_zero(self):
+  def test_sigterm_saves_current_step(self):
     workdir = pathlib.Path(_tempdir(self))
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="")
     log_path = workdir / "script.log"

@@ -13,6 +13,7 @@ from ml_collections import config_flags
 import ml_collections
 
 from perflow_jax import config_lib as common
+from perflow_jax.parallel import mesh as mesh_lib
 from perflow_jax.parallel import sharding
 
 _CONFIG_FILE = textwrap.dedent("""
@@ -89,6 +90,10 @@ class ValidateTest(absltest.TestCase):
         (lambda c: c.__setattr__("keep_checkpoints", 0), r"config.keep_checkpoints=0 must be >= 1"),
         (lambda c: c.mesh.__setattr__("data", -1), r"-1 on more than one axis"),
         (lambda c: c.mesh.__setattr__("data", 0), r"config.mesh.data=0"),
+        (lambda c: c.mesh.__setattr__("dcn_data", 0), r"config.mesh.dcn_data=0 must be a positive integer"),
+        (lambda c: c.mesh.__setattr__("dcn_data", -1), r"config.mesh.dcn_data=-1 must be a positive integer"),
+        (lambda c: c.mesh.update({"data": 6, "fsdp": 4, "dcn_data": 4}),
+         r"config.mesh.data=6 is not divisible by config.mesh.dcn_data=4"),
         (lambda c: c.sharding.__setattr__("rules", (("batch", "data"), ("mlp", "model"))),
          r"maps 'mlp' to mesh axis 'model'"),
         (lambda c: c.sharding.__setattr__("rules", (("mlp", "fsdp"),)), r"no 'batch' rule"),
@@ -120,6 +125,18 @@ class ValidateTest(absltest.TestCase):
     config = common.base_config()
     config.sharding.max_replicated_fraction = 0  # An int where a float is declared is fine.
     common.validate(config)
+
+  def test_mesh_dcn_data(self):
+    config = common.base_config()
+    self.assertEqual(config.mesh.to_dict(), {"data": 1, "fsdp": -1, "dcn_data": 1})
+    config.mesh.update({"data": 64, "fsdp": 16, "dcn_data": 4})  # dcn_data is not an axis: no '-1' rules apply
+    common.validate(config)
+    config.mesh.update({"data": -1, "fsdp": 16, "dcn_data": 4})  # data resolved from the devices at start-up
+    common.validate(config)
+    fields = common.base_config().to_dict()
+    fields["mesh"]["dcn_data"] = True
+    with self.assertRaisesRegex(ValueError, r"config field 'mesh.dcn_data' must be int, got True"):
+      common.validate(ml_collections.ConfigDict(fields))
 
 
 class ConfigFlagsTest(absltest.TestCase):
@@ -168,7 +185,7 @@ class ConfigJsonTest(absltest.TestCase):
     self.assertEqual(data["seed"], 3)
     self.assertEqual(data["sharding"]["rules"][0], ["batch", ["data", "fsdp"]])
     loaded = common.load_config_json(workdir)
-    self.assertEqual(loaded.mesh.to_dict(), {"data": 1, "fsdp": -1})
+    self.assertEqual(loaded.mesh.to_dict(), {"data": 1, "fsdp": -1, "dcn_data": 1})
     self.assertEqual(sharding.normalize_rules(loaded.sharding.rules),
                      sharding.normalize_rules(config.sharding.rules))
     common.validate(loaded)  # Lists from JSON still validate.
@@ -176,6 +193,20 @@ class ConfigJsonTest(absltest.TestCase):
     self.assertFalse(os.path.exists(os.path.join(workdir, "other")))
     with self.assertRaisesRegex(ValueError, r"does not exist; pass a run's workdir"):
       common.load_config_json(os.path.join(workdir, "missing.json"))
+
+  def test_config_from_before_dcn_data_loads(self):
+    # A run's config.json written before config.mesh.dcn_data existed: it loads as one slice and validates.
+    workdir = os.path.join(_tempdir(self), "old_run")
+    path = common.write_config_json(common.base_config(seed=5), workdir, is_primary=True)
+    with open(path) as f:
+      data = json.load(f)
+    del data["mesh"]["dcn_data"]
+    with open(path, "w") as f:
+      json.dump(data, f)
+    loaded = common.load_config_json(workdir)
+    self.assertEqual(loaded.mesh.to_dict(), {"data": 1, "fsdp": -1, "dcn_data": 1})
+    common.validate(loaded)
+    self.assertEqual(dict(mesh_lib.make_mesh({"data": 1, "fsdp": -1}).shape), {"data": 1, "fsdp": 8})
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Device mesh and sharding.
 
-  mesh      ('data', 'fsdp') mesh from config.mesh; multi-process start-up (maybe_initialize_distributed)
-  sharding  logical axis rules -> NamedShardings, sharded init, batch sharding, sharding checks
+  distributed  multi-process start-up per platform (maybe_initialize_distributed), coordination-service barriers
+  mesh         ('data', 'fsdp') mesh from config.mesh
+  sharding     logical axis rules -> NamedShardings, sharded init, batch sharding, sharding checks
 """

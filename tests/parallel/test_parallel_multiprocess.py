@@ -23,14 +23,15 @@ _WORKER = textwrap.dedent("""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # Cross-process CPU computations.
     import grain, ml_collections, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from perflow_jax import checkpoint
+    from perflow_jax import checkpoint, preemption
+    from perflow_jax.parallel import distributed
     from perflow_jax.parallel import mesh as mesh_lib
 
     mode, workdir = sys.argv[1], pathlib.Path(sys.argv[2])
     config = ml_collections.ConfigDict({
         "checkpoint_every": 1000, "keep_checkpoints": 2,
         "distributed": {"coordinator_address": "", "num_processes": 0, "process_id": -1, "auto_detect": False}})
-    assert mesh_lib.maybe_initialize_distributed(config)  # From the JAX_* environment.
+    assert distributed.maybe_initialize_distributed(config)  # From the JAX_* environment.
     pid = jax.process_index()
     mesh = mesh_lib.make_mesh({"data": 1, "fsdp": -1})
     sharding = NamedSharding(mesh, P("fsdp"))
@@ -41,8 +42,9 @@ _WORKER = textwrap.dedent("""
       w = jax.make_array_from_callback((8,), sharding, lambda idx: np.arange(8, dtype=np.float32)[idx])
       for _ in range(3 + pid):  # Each process has read a different amount of its shard.
         next(it)
-      preempted = checkpoint.install_sigterm_handler()
-      for step in range(1, 6000):
+      preempted = preemption.install_handlers()
+      checkpoint.save_checkpoint(manager, 1, {"w": w * 0, "step": 1}, {"w": w * 0}, config, it, force=True)
+      for step in range(2, 6000):
         if step == 5:
           (workdir / f"ready{pid}").write_text("ok")
         if preempted(step):
@@ -58,6 +60,7 @@ _WORKER = textwrap.dedent("""
       out["next_item"] = int(next(it))
       out["local_w"] = [np.asarray(s.data).tolist() for s in restored.state["w"].addressable_shards]
       out["spec"] = str(restored.state["w"].sharding.spec)
+      out["steps_after"] = manager.all_steps()
     checkpoint.close(manager)
     (workdir / f"{mode}{pid}.json").write_text(json.dumps(out))
 """)
@@ -74,7 +77,7 @@ class TwoProcessTest(absltest.TestCase):
   def setUp(self):
     super().setUp()
     self.workdir = pathlib.Path(tempfile.mkdtemp(prefix="perflow_mp_"))
-    self.addCleanup(shutil.rmtree, self.workdir, ignore_errors=True)
+    self.addCleanup(shutil.rmtree, self.workdir, ignore_errors=True) if not os.environ.get("KEEP") else None
     self.script = self.workdir / "worker.py"
     self.script.write_text(_WORKER)
 
@@ -129,6 +132,18 @@ class TwoProcessTest(absltest.TestCase):
       self.assertEqual(got["next_item"], 3 + pid)  # Each process resumes its own iterator.
       self.assertEqual(got["spec"], "P('fsdp',)")
       self.assertEqual(got["local_w"], [[4.0 * pid + 2 * i, 4.0 * pid + 2 * i + 1] for i in range(2)])
+
+    # Process 1 alone cannot read its part of the newest step (its data iterator state, which no other process
+    # reads): both processes restore the step before, and the newest is moved aside (not deleted), so no process
+    # restores a step another could not.
+    (self.workdir / "checkpoints" / str(stopped_at) / "data" / "process_1-of-2.json").write_text("{truncated")
+    self._finish(self._launch("restore"))
+    for pid in range(2):
+      got = self._result(f"restore{pid}.json")
+      self.assertEqual((got["step"], got["state_step"]), (1, 1))
+      self.assertEqual(got["local_w"], [[0.0, 0.0], [0.0, 0.0]])
+      self.assertEqual(got["steps_after"], [1])
+    self.assertTrue((self.workdir / "checkpoints_damaged" / str(stopped_at) / "state").is_dir())
 
 
 if __name__ == "__main__":
