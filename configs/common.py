@@ -18,3 +18,6 @@ from perflow_jax.run_config import perflow_config
 from perflow_jax.run_config import tiny_model
 from perflow_jax.run_config import tiny_sdxl_model
 from perflow_jax.run_config import validate_run_config
+from perflow_jax.topologies import apply_topology
+from perflow_jax.topologies import parse_arg_with_topology
+from perflow_jax.topologies import Topology

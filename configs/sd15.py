@@ -8,11 +8,39 @@ r"""PeRFlow on Stable Diffusion 1.5: the reference's SD1.5 recipe (K=4, DDIM-8 p
   python -m perflow_jax.train --config=configs/sd15.py:runlocal --workdir=/tmp/sd15_local \
       --config.model.pretrained=/path/to/stable-diffusion-v1-5
 
+  # a topology preset (mesh, global batch, accumulation; see TOPOLOGIES): v5p-128, v5e-256, gpu-4x8, and N
+  # slices of one over DCN as NxNAME, e.g. 2xv5p-128
+  python -m perflow_jax.train --config=configs/sd15.py:v5e-256 ...
+
 `model.pretrained` takes a diffusers folder, a single-file .safetensors (community fine-tunes) or a directory
 written by `python -m perflow_jax.convert`. The reference trained ~4,000 steps at global batch 1024 (README).
 """
 
 from configs import common
+
+# Global batch 1024 (the reference's) on each. measured_gib: `python -m perflow_jax.benchmark --mode=memory
+# --config=configs/sd15.py --num_devices=FSDP --per_device_batch=B --config.mesh.data=1 --config.mesh.fsdp=FSDP`
+# (+ --config.optim.grad_accum_steps=A where A > 1; B = global / devices, including the accumulation) on
+# simulated CPU devices: per-device memory depends on fsdp and the microbatch, not on data (perflow_jax.topologies).
+# fsdp is the smallest that fits (launch/README.md, "Sizing the mesh") and maps onto whole torus axes: on v5p
+# (4x4x4 chips in a v5p-128) jax.make_mesh does not split a physical axis, so fsdp is 4, 16 or 64 there.
+# Several slices: 'NxNAME' (perflow_jax.topologies), e.g. 2xv5p-128 = 128 chips, data 32 over dcn_data=2 slices,
+# fsdp 4 inside each, 8 per chip (at most v5p-128's memory).
+TOPOLOGIES = {
+    # 64 chips x 95 GiB, 16 examples per chip: --num_devices=4 --per_device_batch=16 --config.mesh.fsdp=4.
+    "v5p-128": common.Topology(devices=64, device_memory_gib=95, data=16, fsdp=4, global_batch=1024,
+                               measured_gib=45.63),
+    # 256 chips x 16 GiB, 4 examples per chip: --num_devices=16 --per_device_batch=4 --config.mesh.fsdp=16. The
+    # benchmark's step reads latents; from images the frozen VAE encoder also runs in the step. Two microbatches
+    # of 2 (--config.optim.grad_accum_steps=2) measured 14.35 GiB: the accumulation loop costs more than it saves.
+    "v5e-256": common.Topology(devices=256, device_memory_gib=16, data=16, fsdp=16, global_batch=1024,
+                               measured_gib=13.95),
+    # SLURM, 4 nodes x 8 H100 (80 GiB): FSDP inside a node, data across nodes. JAX gives each GPU host its own
+    # slice_index, so the 4 nodes are 4 slices (dcn_data=4). 32 per GPU as 2 microbatches of 16: --num_devices=8
+    # --per_device_batch=32 --config.mesh.fsdp=8 --config.optim.grad_accum_steps=2.
+    "gpu-4x8": common.Topology(devices=32, device_memory_gib=80, data=4, fsdp=8, dcn_data=4, global_batch=1024,
+                               grad_accum_steps=2, measured_gib=50.48),
+}
 
 VALIDATION_PROMPTS = (
     "RAW photo, 8k uhd, dslr, high quality, film grain, a portrait of a woman in a garden",
@@ -23,7 +51,9 @@ VALIDATION_PROMPTS = (
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, runlocal=False)
+  arg = common.parse_arg_with_topology(arg, TOPOLOGIES, runlocal=False)
+  if arg.runlocal and arg.topology:
+    raise ValueError(f"runlocal and topology={arg.topology!r} exclude each other: runlocal is the one-machine run.")
   config = common.perflow_config(total_steps=20 if arg.runlocal else 10_000, log_every=1 if arg.runlocal else 50,
                                  checkpoint_every=10 if arg.runlocal else 500, keep_checkpoints=3)
   config.model.dtype = "bfloat16"  # student compute; master weights stay float32
@@ -67,4 +97,5 @@ def get_config(arg=None):
     config.data.worker_count = 0
     config.sample_every = 10
     config.sample.prompts = VALIDATION_PROMPTS[:2]
+  common.apply_topology(config, TOPOLOGIES, arg.topology)
   return config

@@ -8,6 +8,9 @@ r"""PeRFlow on Stable Diffusion XL: the reference's SDXL recipe (K=4, DDIM-10 pe
   python -m perflow_jax.train --config=configs/sdxl.py:runlocal --workdir=/tmp/sdxl_local \
       --config.model.pretrained=/path/to/stable-diffusion-xl-base-1.0
 
+  # a topology preset (mesh, global batch; see TOPOLOGIES): v5p-256, or N slices of it as Nxv5p-256
+  python -m perflow_jax.train --config=configs/sdxl.py:v5p-256 ...
+
 The reference (perflow_accelerate_ddimeps_sdxl.py, train.sh) differs from the SD1.5 recipe in: the teacher solves
 each window with 10 DDIM steps under classifier-free guidance 7.5 (positive = the full prompt, negative = the ""
 embedding; no cfg_sync), the student predicts `ddim_eps`, training t lies on a 1/200 grid, lr 1e-4, bfloat16,
@@ -30,9 +33,23 @@ VALIDATION_PROMPTS = (
 
 RESOLUTION = 1024
 
+# SDXL's UNet has 2.6B parameters (3x SD1.5's; student, EMA, AdamW and a bf16 teacher: ~43 GiB of state). fsdp 8
+# (launch/README.md, "Sizing the mesh": the smallest that fits, 8 or 16) is one torus axis of the 4x4x8 v5p-256
+# (jax.make_mesh does not split v5p axes) and holds ~5.4 GiB of sharded state per chip; data 16 is the 4x4 plane.
+# Global batch 256 (the config's; the reference's is not stated), 2 per chip. Memory (XLA:CPU, 8 simulated devices,
+# fsdp 8, 2 per device, 1024 px; the benchmark has no SDXL family, so a script fed its step SDXL's context): the full
+# UNet's compile did not finish in 15 min on a shared 2-core machine; with the 1280-wide level's transformer depth
+# cut from 10 to 2 (0.90B of 2.57B parameters) the step needs 21.8 GiB/device. The 1.67B parameters left out add
+# 4.3 GiB of sharded state and gradient per device, and at most 6.2 GiB of float32 gathered copies: ~26-33 GiB.
+TOPOLOGIES = {
+    "v5p-256": common.Topology(devices=128, device_memory_gib=95, data=16, fsdp=8, global_batch=256),
+}
+
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, runlocal=False)
+  arg = common.parse_arg_with_topology(arg, TOPOLOGIES, runlocal=False)
+  if arg.runlocal and arg.topology:
+    raise ValueError(f"runlocal and topology={arg.topology!r} exclude each other: runlocal is the one-machine run.")
   config = common.perflow_config(total_steps=20 if arg.runlocal else 10_000, log_every=1 if arg.runlocal else 50,
                                  checkpoint_every=10 if arg.runlocal else 500, keep_checkpoints=3)
   config.model.dtype = "bfloat16"  # the reference casts the whole student to bf16; master weights stay float32
@@ -80,4 +97,5 @@ def get_config(arg=None):
   # config.json records it; the reference derives it from --resolution, as () would here.
   r = config.data.resolution
   config.model.time_ids = (r, r, 0, 0, r, r)
+  common.apply_topology(config, TOPOLOGIES, arg.topology)
   return config
