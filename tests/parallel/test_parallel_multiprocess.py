@@ -77,7 +77,7 @@ class TwoProcessTest(absltest.TestCase):
   def setUp(self):
     super().setUp()
     self.workdir = pathlib.Path(tempfile.mkdtemp(prefix="perflow_mp_"))
-    self.addCleanup(shutil.rmtree, self.workdir, ignore_errors=True) if not os.environ.get("KEEP") else None
+    self.addCleanup(shutil.rmtree, self.workdir, ignore_errors=True)
     self.script = self.workdir / "worker.py"
     self.script.write_text(_WORKER)
 
