@@ -3,6 +3,7 @@ r"""Trains a PeRFlow student (or, with objective='diffusion', a teacher) from a 
   python -m perflow_jax.train --config=configs/sd15.py --workdir=/path/to/run
   python -m perflow_jax.train --config=configs/tiny.py --workdir=/tmp/tiny --config.total_steps=20
   python -m perflow_jax.train --config=configs/sd15.py:runlocal --workdir=/tmp/sd15_local
+  python -m perflow_jax.train --config=configs/sd15.py:v5e-256 --workdir=gs://BUCKET/runs/sd15   # a topology preset
 
 Every config field can be overridden with --config.a.b=value; unknown fields and inconsistent values are
 rejected before anything starts. Rerunning with the same --workdir resumes from its newest intact checkpoint.
