@@ -144,13 +144,17 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: Any, abst
                        check_config: Callable[[dict[str, Any]], None] | None = None) -> Restored | None:
   """Restores the newest checkpoint that every process can read; None when there is none.
 
-  All processes try the same steps, newest first, and agree after each try (through the coordination service, not
-  a collective): a step that any process could not read (a truncated or missing file, a transient read error) is
-  skipped by all of them, so every process restores the same step. The skipped newer steps are then moved aside to
+  All processes consider the same steps, newest first. For each, every process first reads, without orbax, the
+  small files it will need (the step's metadata, each item's metadata, the config, its own data iterator state),
+  and the processes agree through the coordination service (not a collective): a step that any process could not
+  read (a truncated or missing file, a transient read error) is skipped by all of them. Only then do they restore
+  it with orbax together, since orbax's restore has barriers that a process which gave up early would leave the
+  others waiting at. So every process restores the same step. The skipped newer steps are moved aside to
   ``workdir/checkpoints_damaged/`` (never deleted: a step that failed for a transient reason can be moved back), so
-  that the run can save those step numbers again. ``check_config`` is called with each candidate's saved config
-  before its arrays are read; the ValueError it raises (e.g. a different model shape) is not a damaged checkpoint
-  and propagates.
+  that the run can save those step numbers again. One process alone falls back past a step whose array data fails
+  inside orbax too; with several processes such a failure stops the run with an error naming the step to move
+  aside. ``check_config`` is called with each candidate's saved config before its arrays are read; the ValueError
+  it raises (e.g. a different model shape) is not a damaged checkpoint and propagates.
 
   Args:
     manager: from ``make_checkpoint_manager``.
@@ -168,13 +172,22 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: Any, abst
     return None
   damaged: list[tuple[int, str]] = []
   for step in steps:
-    restored, error = _try_restore(manager, step, abstract_state, abstract_ema, data_iterator, check_config)
-    errors = distributed.all_gather_strings(f"restore step {step}", error)
-    if any(errors):
-      why = "; ".join(f"process {i}: {e}" for i, e in enumerate(errors) if e)
-      damaged.append((step, why))
+    # "ok" rather than "": the coordination service's key-value store is given a non-empty value.
+    errors = distributed.all_gather_strings(f"readable step {step}", _unreadable_files(manager, step) or "ok")
+    error = "; ".join(f"process {i}: {e}" for i, e in enumerate(errors) if e != "ok")
+    restored = None
+    if not error:
+      restored, error = _try_restore(manager, step, abstract_state, abstract_ema, data_iterator, check_config)
+      if error and jax.process_count() > 1:
+        raise CheckpointUnreadableError(
+            f"checkpoint step {step} in {manager.directory} failed to restore on process {jax.process_index()} "
+            f"({error[:1000]}), after every process could read its metadata. Move {manager.directory}/{step} to "
+            f"{damaged_dir(epath.Path(manager.directory).parent)}/ and start the run again; it resumes from the "
+            "step before.")
+    if error:
+      damaged.append((step, error))
       logging.warning("Checkpoint step %d in %s cannot be restored (%s); trying an older one.", step,
-                      manager.directory, why[:1000])
+                      manager.directory, error[:1000])
       continue
     if damaged:
       _move_aside(manager, [s for s, _ in damaged], restored_step=step)
@@ -196,6 +209,20 @@ def _steps_on_every_process(manager: ocp.CheckpointManager) -> list[int]:
       logging.warning("Process %d sees checkpoint steps %s that not every process sees; they are not restored.",
                       i, sorted(set(steps) - common))
   return sorted(common, reverse=True)
+
+
+def _unreadable_files(manager: ocp.CheckpointManager, step: int) -> str:
+  """'' when this process can read the small files of ``step`` that it needs, else what failed (no orbax calls)."""
+  step_dir = epath.Path(manager.directory) / str(step)
+  names = ["_CHECKPOINT_METADATA", "config/metadata", "state/_METADATA", "ema/_METADATA"]
+  if (step_dir / "data").exists():
+    names.append(f"data/process_{jax.process_index()}-of-{jax.process_count()}.json")
+  for name in names:
+    try:
+      json.loads((step_dir / name).read_text())
+    except Exception as e:  # pylint: disable=broad-except
+      return f"{name}: {type(e).__name__}: {str(e)[:300]}"
+  return ""
 
 
 def _try_restore(manager, step, abstract_state, abstract_ema, data_iterator, check_config):

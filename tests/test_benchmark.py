@@ -2,14 +2,12 @@
 
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 
 from absl.testing import absltest
 import jax
-import yaml
 
 from configs import tiny
 from perflow_jax import benchmark
@@ -17,7 +15,6 @@ from perflow_jax.parallel import mesh as mesh_lib
 from perflow_jax.parallel import sharding as sh
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_LAUNCH = os.path.join(_REPO, "launch")
 
 
 def _tiny_config():
@@ -141,40 +138,6 @@ class MemoryAndSampleModeTest(absltest.TestCase):
     self.assertIn("1.500e+09", table)
     self.assertIn("memory.temp_bytes", table)
     self.assertIn("1.000 GiB", table)
-
-
-class LaunchTest(absltest.TestCase):
-
-  def test_scripts_pass_bash_n(self):
-    scripts = sorted(f for f in os.listdir(_LAUNCH) if f.endswith((".sh", ".sbatch")))
-    self.assertEqual(scripts, ["gke_xpk.sh", "slurm_gpu.sbatch", "tpu_pod.sh"])
-    for name in scripts:
-      run = subprocess.run(["bash", "-n", os.path.join(_LAUNCH, name)], capture_output=True, text=True,
-                           check=False)
-      self.assertEqual(run.returncode, 0, f"{name}: {run.stderr}")
-
-  def test_usage_errors_without_cloud_tools(self):
-    env = dict(os.environ, TPU_NAME="t", ZONE="z", PROJECT="p", WORKLOAD="w", IMAGE="i")
-    for script in ("tpu_pod.sh", "gke_xpk.sh"):
-      run = subprocess.run(["bash", os.path.join(_LAUNCH, script), "nonsense"], capture_output=True, text=True,
-                           check=False, env=env)
-      self.assertEqual(run.returncode, 2, script)
-      self.assertIn("usage:", run.stderr)
-    run = subprocess.run(["bash", os.path.join(_LAUNCH, "tpu_pod.sh"), "create"], capture_output=True, text=True,
-                         check=False, env={"PATH": os.environ["PATH"]})
-    self.assertNotEqual(run.returncode, 0)
-    self.assertIn("TPU_NAME", run.stderr)
-
-  def test_jobset_template_variables_are_all_filled_by_apply(self):
-    with open(os.path.join(_LAUNCH, "gke_jobset.yaml")) as f:
-      text = f.read()
-    self.assertEqual(yaml.safe_load(text)["kind"], "JobSet")
-    used = set(re.findall(r"\$\{([A-Z_]+)\}", text))
-    with open(os.path.join(_LAUNCH, "gke_xpk.sh")) as f:
-      script = f.read()
-    apply_body = script[script.index("cmd_apply()"):script.index("cmd_logs()")]
-    exported = set(re.findall(r"\b([A-Z_]+)=", apply_body))
-    self.assertEqual(used - exported, set())
 
 
 if __name__ == "__main__":

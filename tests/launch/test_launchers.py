@@ -486,6 +486,20 @@ class SlurmTest(_LauncherTest):
     self.assertEqual(self.run_with_srun_status(75, SLURM_RESTART_COUNT=50), (75, []))
 
 
+class UsageTest(absltest.TestCase):
+
+  def test_usage_errors_without_cloud_tools(self):
+    env = {"PATH": os.environ["PATH"], "TPU_NAME": "t", "WORKLOAD": "w", "IMAGE": "i"}
+    for script in (TPU_POD, GKE):
+      proc = subprocess.run(["bash", script, "nonsense"], capture_output=True, text=True, env=env, timeout=60)
+      self.assertEqual(proc.returncode, 2, script)
+      self.assertIn("usage:", proc.stderr)
+    proc = subprocess.run(["bash", TPU_POD, "create"], capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ["PATH"]})
+    self.assertEqual(proc.returncode, 2)
+    self.assertIn("set TPU_NAME", proc.stderr)
+
+
 class ShellcheckTest(absltest.TestCase):
 
   def test_scripts_pass_shellcheck(self):

@@ -88,6 +88,9 @@ class TwoProcessTest(absltest.TestCase):
       env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
                  XLA_FLAGS="--xla_force_host_platform_device_count=2",
                  JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+      # No persistent compilation cache (conftest sets one): JAX writes entries from process 0 only, so in a later
+      # launch process 0 would load a program that process 1 compiles afresh, and their collectives hang.
+      env.pop("JAX_COMPILATION_CACHE_DIR", None)
       # Output goes to a file: a pipe nobody reads until the end could fill up and block the worker.
       log = open(self.workdir / f"{mode}{pid}.log", "wb")
       self.addCleanup(log.close)
