@@ -172,12 +172,13 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: Any, abst
     return None
   damaged: list[tuple[int, str]] = []
   for step in steps:
+    saved_config, unreadable = _read_small_files(manager, step)
     # "ok" rather than "": the coordination service's key-value store is given a non-empty value.
-    errors = distributed.all_gather_strings(f"readable step {step}", _unreadable_files(manager, step) or "ok")
+    errors = distributed.all_gather_strings(f"readable step {step}", unreadable or "ok")
     error = "; ".join(f"process {i}: {e}" for i, e in enumerate(errors) if e != "ok")
-    restored = None
     if not error:
-      restored, error = _try_restore(manager, step, abstract_state, abstract_ema, data_iterator, check_config)
+      restored, error = _try_restore(manager, step, saved_config, abstract_state, abstract_ema, data_iterator,
+                                     check_config)
       if error and jax.process_count() > 1:
         raise CheckpointUnreadableError(
             f"checkpoint step {step} in {manager.directory} failed to restore on process {jax.process_index()} "
@@ -211,26 +212,27 @@ def _steps_on_every_process(manager: ocp.CheckpointManager) -> list[int]:
   return sorted(common, reverse=True)
 
 
-def _unreadable_files(manager: ocp.CheckpointManager, step: int) -> str:
-  """'' when this process can read the small files of ``step`` that it needs, else what failed (no orbax calls)."""
+def _read_small_files(manager: ocp.CheckpointManager, step: int) -> tuple[dict[str, Any] | None, str]:
+  """Reads, without orbax, the small JSON files of ``step`` that this process needs.
+
+  Returns:
+    (the saved config, '') when all parse, else (None, which file failed and why).
+  """
   step_dir = epath.Path(manager.directory) / str(step)
-  names = ["_CHECKPOINT_METADATA", "config/metadata", "state/_METADATA", "ema/_METADATA"]
+  names = ["config/metadata", "_CHECKPOINT_METADATA", "state/_METADATA", "ema/_METADATA"]
   if (step_dir / "data").exists():
     names.append(f"data/process_{jax.process_index()}-of-{jax.process_count()}.json")
+  parsed = []
   for name in names:
     try:
-      json.loads((step_dir / name).read_text())
+      parsed.append(json.loads((step_dir / name).read_text()))
     except Exception as e:  # pylint: disable=broad-except
-      return f"{name}: {type(e).__name__}: {str(e)[:300]}"
-  return ""
+      return None, f"{name}: {type(e).__name__}: {str(e)[:300]}"
+  return parsed[0], ""  # config/metadata is the JSON the config item saved
 
 
-def _try_restore(manager, step, abstract_state, abstract_ema, data_iterator, check_config):
+def _try_restore(manager, step, saved_config, abstract_state, abstract_ema, data_iterator, check_config):
   """This process's attempt at ``step``: (items, '') or (None, the reason it failed)."""
-  try:
-    saved_config = restore_config(manager, step)
-  except Exception as e:  # pylint: disable=broad-except
-    return None, f"unreadable config ({type(e).__name__}: {str(e)[:500]})"
   if check_config is not None:
     check_config(saved_config)
   items = {"state": ocp.args.StandardRestore(abstract_state), "ema": ocp.args.StandardRestore(abstract_ema)}

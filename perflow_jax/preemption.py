@@ -28,6 +28,7 @@ import signal
 import threading
 from typing import Callable
 
+import jax
 from jax.experimental import multihost_utils
 
 from perflow_jax.parallel import distributed
@@ -78,7 +79,6 @@ def install_handlers() -> Callable[[int], bool]:
       return bool(multihost_utils.reached_preemption_sync_point(step))
     return preempted_everywhere
 
-  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:
     raise RuntimeError(
         f"{jax.process_count()} processes run without JAX's preemption service, so a SIGTERM could not stop them "
