@@ -33,7 +33,7 @@ GKE_ACCELERATOR="${GKE_ACCELERATOR:-tpu-v5p-slice}"
 TPU_TOPOLOGY="${TPU_TOPOLOGY:-4x4x4}"
 NUM_HOSTS="${NUM_HOSTS:-16}"
 CHIPS_PER_HOST="${CHIPS_PER_HOST:-4}"
-PIP_EXTRAS="${PIP_EXTRAS:-}"  # build: e.g. "[gcp]" when setup.cfg has such an extra
+PIP_EXTRAS="${PIP_EXTRAS:-}"  # build: the image's setup.cfg extras (empty: the Dockerfile's default, "[gcp]")
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(dirname "${HERE}")"

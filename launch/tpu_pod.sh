@@ -163,7 +163,7 @@ cmd_install() {
     "tar -xzf \"\$HOME\"/${ARCHIVE} -C \"\$HOME\"/${REMOTE_DIR}" \
     "python3 -m uv venv --seed --python ${PYTHON_VERSION} \"\$HOME\"/${VENV}" \
     "cd \"\$HOME\"/${REMOTE_DIR}" \
-    "python3 -m uv pip install --python ${py} \"${JAX_SPEC}\" -e ." \
+    "python3 -m uv pip install --python ${py} \"${JAX_SPEC}\" -e \".[gcp]\"" \
     "${py} -c \"import sys; assert sys.version_info >= (3, 11), sys.version\"" \
     "echo \"installed on \$(hostname): \$(${py} --version)\"")"
 }

@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from grain import python as grain_python
 
+from perflow_jax import storage
 from perflow_jax.parallel import distributed
 
 ITEMS = ("state", "ema", "data", "config")
@@ -58,7 +59,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def checkpoint_dir(workdir: str | epath.PathLike) -> epath.Path:
   """``workdir/checkpoints``."""
-  return epath.Path(workdir) / "checkpoints"
+  return storage.as_path(workdir) / "checkpoints"
 
 
 def make_checkpoint_manager(workdir: str | epath.PathLike, config: Any,
@@ -250,7 +251,7 @@ def _try_restore(manager, step, saved_config, abstract_state, abstract_ema, data
 
 def damaged_dir(workdir: str | epath.PathLike) -> epath.Path:
   """``workdir/checkpoints_damaged``: where unreadable steps are moved, outside orbax's view."""
-  return epath.Path(workdir) / "checkpoints_damaged"
+  return storage.as_path(workdir) / "checkpoints_damaged"
 
 
 def _move_aside(manager: ocp.CheckpointManager, steps: list[int], restored_step: int) -> None:
@@ -258,12 +259,11 @@ def _move_aside(manager: ocp.CheckpointManager, steps: list[int], restored_step:
   directory = epath.Path(manager.directory)
   if jax.process_index() == 0:
     target_root = damaged_dir(directory.parent)
-    target_root.mkdir(parents=True, exist_ok=True)
     for step in steps:
       target, n = target_root / str(step), 1
       while target.exists():
         target, n = target_root / f"{step}.{n}", n + 1
-      (directory / str(step)).rename(target)
+      storage.move_tree(directory / str(step), target)
       logging.warning("Moved unreadable checkpoint step %d to %s (restored step %d instead). Delete it when you "
                       "no longer need it.", step, target, restored_step)
   distributed.barrier("damaged checkpoints moved aside")

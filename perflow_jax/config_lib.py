@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 from typing import Any, Mapping
 
 import ml_collections
 
+from perflow_jax import storage
 from perflow_jax.parallel import distributed as distributed_lib
 from perflow_jax.parallel import mesh as mesh_lib
 from perflow_jax.parallel import sharding as sharding_lib
@@ -248,23 +248,18 @@ def write_config_json(config: Any, workdir: str, is_primary: bool | None = None)
     is_primary = jax.process_index() == 0
   if not is_primary:
     return None
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(config_to_json(config) + "\n")
-  os.replace(tmp, path)
+  path = storage.join(storage.absolute(workdir), "config.json")
+  storage.write_text(path, config_to_json(config) + "\n")
   return path
 
 
 def load_config_json(path: str) -> ml_collections.ConfigDict:
   """Reads a ``config.json`` back as a ConfigDict (lists where the original had tuples)."""
-  if os.path.isdir(path):
-    path = os.path.join(path, "config.json")
-  if not os.path.exists(path):
+  if storage.isdir(path):
+    path = storage.join(path, "config.json")
+  if not storage.exists(path):
     raise ValueError(f"{path} does not exist; pass a run's workdir or its config.json.")
-  with open(path, encoding="utf-8") as f:
-    data = json.load(f)
+  data = json.loads(storage.read_text(path))
   if isinstance(data.get("mesh"), dict):
     data["mesh"].setdefault("dcn_data", 1)  # runs written before config.mesh.dcn_data existed: one slice
   return ml_collections.ConfigDict(data)

@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from perflow_jax import metrics
+from perflow_jax import storage
 from perflow_jax import sample as sample_lib
 from perflow_jax.data import folder as folder_lib
 from perflow_jax.data import procedural
@@ -86,9 +87,10 @@ def procedural_real_images(prompts: Prompts, resolution: int) -> np.ndarray:
 def read_real_images(path: str, resolution: int) -> np.ndarray:
   """Real images from a .npz (uint8 `images` [N,H,W,3]) or an image folder, center-cropped to `resolution`:
   float32 [N, R, R, 3] in [-1, 1]."""
+  if not storage.exists(path):
+    raise ValueError(f"--real={path} does not exist.")
+  given, path = path, storage.local_copy(path)  # a bucket's file or folder: read from a local copy
   if path.endswith(".npz"):
-    if not os.path.isfile(path):
-      raise ValueError(f"--real={path} does not exist.")
     with np.load(path) as data:
       if "images" not in data:
         raise ValueError(f"--real={path} has no 'images' array (uint8 [N, H, W, 3]); it has {sorted(data)}.")
@@ -97,7 +99,7 @@ def read_real_images(path: str, resolution: int) -> np.ndarray:
       raise ValueError(f"--real={path}: 'images' must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}.")
     return transforms.scale_to_unit(images)
   if not os.path.isdir(path):
-    raise ValueError(f"--real={path} is neither a .npz file nor an image folder.")
+    raise ValueError(f"--real={given} is neither a .npz file nor an image folder.")
   images = []
   for file in folder_lib.image_files(path):
     try:
@@ -217,19 +219,18 @@ def markdown_table(report: Mapping[str, Any]) -> str:
 
 def write_report(report: Mapping[str, Any], out: str, prompts: Prompts) -> dict[str, str]:
   """eval.json, eval.md, grid.png (samplers as rows) and grid_<sampler>.png; returns {name: path}."""
-  os.makedirs(out, exist_ok=True)
-  paths = {"json": os.path.join(out, "eval.json"), "markdown": os.path.join(out, "eval.md"),
-           "grid": os.path.join(out, "grid.png")}
-  with open(paths["json"], "w", encoding="utf-8") as f:
-    json.dump({k: v for k, v in report.items() if k != "images"}, f, indent=2)
-  with open(paths["markdown"], "w", encoding="utf-8") as f:
-    f.write(markdown_table(report))
+  out = storage.absolute(out)
+  storage.makedirs(out)
+  paths = {"json": storage.join(out, "eval.json"), "markdown": storage.join(out, "eval.md"),
+           "grid": storage.join(out, "grid.png")}
+  storage.write_text(paths["json"], json.dumps({k: v for k, v in report.items() if k != "images"}, indent=2))
+  storage.write_text(paths["markdown"], markdown_table(report))
   cols = min(GRID_COLUMNS, len(prompts.texts))
   rows, labels = [], []
   for spec, images in report["images"].items():
     rows.append(images[:cols])
     labels += [f"{sampler_label(spec)}: {p}" for p in prompts.texts[:cols]]
-    per_sampler = os.path.join(out, f"grid_{spec}.png")
+    per_sampler = storage.join(out, f"grid_{spec}.png")
     metrics.save_png(metrics.image_grid(images[:64], ncols=8), per_sampler)
     paths[f"grid_{spec}"] = per_sampler
   metrics.save_png(metrics.image_grid(np.concatenate(rows), ncols=cols, labels=labels), paths["grid"])
@@ -313,7 +314,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   report = run_flags(flags.FLAGS)
   print(markdown_table(report))
-  print(f"wrote {os.path.join(flags.FLAGS.out, 'eval.json')}")
+  print(f"wrote {storage.join(flags.FLAGS.out, 'eval.json')}")
 
 
 if __name__ == "__main__":

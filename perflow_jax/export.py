@@ -27,6 +27,7 @@ import numpy as np
 
 from perflow_jax import checkpoint
 from perflow_jax import config_lib
+from perflow_jax import storage
 from perflow_jax import train_step as ts
 from perflow_jax import trainer
 from perflow_jax.parallel import mesh as mesh_lib
@@ -130,7 +131,8 @@ def export_run(workdir: str, out: str, fmt: str = "delta", dtype: str | None = N
     raise ValueError(f"--dtype={dtype!r} is not one of {tuple(DTYPES)}.")
   if fmt == "delta" and not out.endswith(io.SAFETENSORS_SUFFIX):
     raise ValueError(f"--format=delta writes one safetensors file; give --out ending in .safetensors, not {out}.")
-  if fmt == "unet" and os.path.isdir(out) and os.listdir(out):
+  out = storage.absolute(out)
+  if fmt == "unet" and storage.isdir(out) and storage.listdir(out):
     raise ValueError(f"--out={out} exists and is not empty; give a new folder for the UNet.")
   run = load_run(workdir, weights)
   if fmt == "unet":
@@ -139,7 +141,6 @@ def export_run(workdir: str, out: str, fmt: str = "delta", dtype: str | None = N
   student = wexport.export_unet_state_dict(run.params, np.float32)
   teacher = wexport.export_unet_state_dict(run.models.unet_params, np.float32)
   delta = wexport.delta_state_dict(student, teacher, DTYPES[dtype])
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   io.write_safetensors(out, delta, metadata={
       "format": "pt", "perflow_jax": "delta_weights", "step": str(run.step), "weights": weights,
       "prediction_type": str(run.config.perflow.prediction_type),

@@ -11,13 +11,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from perflow_jax import storage
+
+METRICS_FILE = "metrics.jsonl"
+REMOTE_UPLOAD_SECONDS = 30.0  # how stale a bucket's metrics.jsonl may get (buckets cannot append; see _JsonlLog)
 
 
 class NonFiniteLossError(ValueError):
@@ -110,13 +114,13 @@ class MetricsWriter:
     self._tb = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "metrics.jsonl")
-    _truncate_after(path, start_step)
-    self._jsonl = open(path, "a", encoding="utf-8")
+    workdir = storage.absolute(workdir)
+    storage.makedirs(workdir)
+    self._jsonl = _JsonlLog(storage.join(workdir, METRICS_FILE), start_step)
     # Imported here so that processes other than 0 never load TensorBoard's protobufs.
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
+    # tensorboardX writes gs:// itself (google-cloud-storage; each flush re-uploads the event file).
+    self._tb = SummaryWriter(storage.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> dict[str, Any] | None:
     """Logs scalars (host values or 0-d arrays) at ``step``; adds ``steps_per_s`` over the interval since the
@@ -133,8 +137,7 @@ class MetricsWriter:
     if steps_per_s is not None:
       record["steps_per_s"] = steps_per_s
       values["steps_per_s"] = steps_per_s
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    self._jsonl.append(json.dumps(record) + "\n")
     for name, value in values.items():
       self._tb.add_scalar(name, value, global_step=step)
     logging.info("%s", format_progress(step, self.total_steps, steps_per_s,
@@ -169,25 +172,53 @@ class MetricsWriter:
     self.close()
 
 
-def _truncate_after(path: str, start_step: int) -> None:
-  """Drops lines logged after ``start_step`` (by a run that died before its next checkpoint)."""
-  if not os.path.exists(path):
-    return
-  with open(path, encoding="utf-8") as f:
-    lines = f.readlines()
-  keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= start_step]
-  if len(keep) == len(lines):
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
+class _JsonlLog:
+  """``metrics.jsonl``, continued from ``start_step``: lines logged after it (by a run that died before its next
+  checkpoint) are dropped first, so the log matches the resumed run.
+
+  Locally the file is appended to and flushed per line. A bucket cannot append, so for a URL the lines are kept
+  in memory and the whole object is re-uploaded at most every ``REMOTE_UPLOAD_SECONDS`` and on flush/close
+  (lines after the last checkpoint are dropped on resume anyway, so a crash loses nothing a resume would keep).
+  """
+
+  def __init__(self, path: str, start_step: int, clock: Callable[[], float] = time.monotonic):
+    self._path, self._clock = path, clock
+    lines = []
+    if storage.exists(path):
+      lines = storage.read_text(path).splitlines(keepends=True)
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= start_step]
+    self._remote = storage.is_remote(path)
+    if len(keep) != len(lines):
+      storage.write_text(path, "".join(keep))
+    self._lines, self._uploaded = keep, clock()
+    self._file = None if self._remote else open(path, "a", encoding="utf-8")
+
+  def append(self, line: str) -> None:
+    if self._file is not None:
+      self._file.write(line)
+      self._file.flush()
+      return
+    self._lines.append(line)
+    if self._clock() - self._uploaded >= REMOTE_UPLOAD_SECONDS:
+      self.flush()
+
+  def flush(self) -> None:
+    if self._file is not None:
+      self._file.flush()
+    else:
+      storage.write_text(self._path, "".join(self._lines))
+      self._uploaded = self._clock()
+
+  def close(self) -> None:
+    self.flush()
+    if self._file is not None:
+      self._file.close()
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The records of ``workdir/metrics.jsonl`` in order."""
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = storage.read_text(storage.join(workdir, METRICS_FILE))
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -249,9 +280,9 @@ def image_grid(images: np.ndarray, ncols: int | None = None, labels: Sequence[st
 
 
 def save_png(image: np.ndarray, path: str) -> None:
-  """Writes a uint8 [H, W, 3] image (e.g. an ``image_grid``) as PNG, creating the folder."""
+  """Writes a uint8 [H, W, 3] image (e.g. an ``image_grid``) as PNG (a local path or a URL), creating the folder."""
   image = np.asarray(image)
   if image.dtype != np.uint8:
     raise ValueError(f"save_png needs uint8 pixels, got {image.dtype}; convert with to_uint8 or image_grid.")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(image).save(path)
+  with storage.atomic_write(path, "wb") as f:
+    Image.fromarray(image).save(f, format="PNG")

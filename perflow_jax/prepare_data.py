@@ -14,11 +14,12 @@ A latent cache (VAE moments + text context) of a prepared dataset, for source='c
       --data_dir=/data/tfds --name=my_images_latents --resolution=512 --batch_size=64
 
 The report is printed and saved as prepare_report.json in the dataset's folder (<data_dir>/<name>/1.0.0/).
+--data_dir (and folder:PATH) may be gs:// URLs: the dataset is built in a local temp folder and then uploaded, its
+report last; an existing dataset there is replaced only with --overwrite, after the new one is built.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
@@ -26,10 +27,12 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from perflow_jax import storage
+
 _SOURCE = flags.DEFINE_string(
     "source", None, "folder:PATH (images with captions), procedural, or tfds:NAME (with --cache_latents only: "
     "a prepared dataset in --source_data_dir or --data_dir).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir the dataset is written to.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir the dataset is written to (a folder or gs:// URL).")
 _NAME = flags.DEFINE_string("name", None, "Dataset name (a-z, 0-9, _).")
 _SPLIT = flags.DEFINE_string("split", "train", "Split name to write (and to read with tfds:NAME).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing dataset of the same name and version.")
@@ -65,7 +68,7 @@ def _parse_source(source: str | None) -> tuple[str, str]:
   raise app.UsageError(f"--source={source!r}: expected folder:PATH, procedural or tfds:NAME")
 
 
-def _cache(kind: str, arg: str) -> dict[str, Any]:
+def _cache(kind: str, arg: str, data_dir: str) -> dict[str, Any]:
   """Encodes the source with the pretrained VAE and text encoder and writes the cache; returns a report."""
   # Imported here: only the cache needs the models and a device mesh.
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -91,7 +94,7 @@ def _cache(kind: str, arg: str) -> dict[str, Any]:
   mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1})
   bundle = pretrained.load_pretrained(_PRETRAINED.value)
   path, written = cache.build_latent_cache(
-      source, cache.encode_fn_from_bundle(bundle), mesh, bundle.tokenizer, data_dir=_DATA_DIR.value,
+      source, cache.encode_fn_from_bundle(bundle), mesh, bundle.tokenizer, data_dir=data_dir,
       name=_NAME.value, resolution=_RESOLUTION.value, batch_size=_BATCH.value, image_key=image_key,
       text_key=text_key, dtype=np.dtype(_CACHE_DTYPE.value), examples_per_shard=_SHARD.value,
       overwrite=_OVERWRITE.value, num_threads=_THREADS.value)
@@ -110,25 +113,47 @@ def main(argv: Sequence[str]) -> None:
   from perflow_jax.data import writer  # pylint: disable=g-import-not-at-top
 
   kind, arg = _parse_source(_SOURCE.value)
-  if _CACHE.value:
-    report = _cache(kind, arg)
-    if report["dataset"] is None:  # not process 0: it helped encode, process 0 wrote
-      return
-    with open(os.path.join(report["dataset"], writer.REPORT_FILENAME), "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
-  elif kind == "folder":
-    report = folder.build_folder_dataset(
-        arg, _DATA_DIR.value, _NAME.value, min_size=_MIN_SIZE.value, max_size=_MAX_SIZE.value,
-        caption_key=_CAPTION_KEY.value, split=_SPLIT.value, examples_per_shard=_SHARD.value,
-        num_threads=_THREADS.value, overwrite=_OVERWRITE.value)
-  elif kind == "procedural":
-    report = writer.build_procedural_dataset(
-        _DATA_DIR.value, _NAME.value, num_examples=_NUM_EXAMPLES.value, resolution=_RESOLUTION.value,
-        seed=_SEED.value, split=_SPLIT.value, examples_per_shard=_SHARD.value, overwrite=_OVERWRITE.value)
-  else:
+  if kind == "tfds" and not _CACHE.value:
     raise app.UsageError("--source=tfds:NAME is only for --cache_latents (a tfds dataset is already prepared)")
+  if kind == "folder":
+    arg = storage.local_copy(arg)  # images in a bucket: read from a local copy
+  # A gs:// --data_dir: the dataset is built in a local folder and then uploaded, its report last (the array_record
+  # writer writes local files only); see perflow_jax.storage.staged_folder.
+  target = storage.absolute(_DATA_DIR.value)
+  remote_dataset = writer.dataset_dir(target, _NAME.value) if storage.is_remote(target) else None
+  replace = remote_dataset is not None and _check_remote_target(remote_dataset)
+  with storage.staged_folder(target, last=(writer.REPORT_FILENAME,)) as build_dir:
+    if _CACHE.value:
+      report = _cache(kind, arg, build_dir)
+      if report["dataset"] is None:  # not process 0: it helped encode, process 0 wrote
+        return
+    elif kind == "folder":
+      report = folder.build_folder_dataset(
+          arg, build_dir, _NAME.value, min_size=_MIN_SIZE.value, max_size=_MAX_SIZE.value,
+          caption_key=_CAPTION_KEY.value, split=_SPLIT.value, examples_per_shard=_SHARD.value,
+          num_threads=_THREADS.value, overwrite=_OVERWRITE.value)
+    else:
+      report = writer.build_procedural_dataset(
+          build_dir, _NAME.value, num_examples=_NUM_EXAMPLES.value, resolution=_RESOLUTION.value,
+          seed=_SEED.value, split=_SPLIT.value, examples_per_shard=_SHARD.value, overwrite=_OVERWRITE.value)
+    local_dataset = report["dataset"]
+    report["dataset"] = storage.join(target, *os.path.relpath(local_dataset, build_dir).split(os.sep))
+    storage.write_json(os.path.join(local_dataset, writer.REPORT_FILENAME), report)
+    if replace:  # only now that the new build is complete; the upload follows
+      storage.remove_tree(remote_dataset)
   print(folder.format_report(report))
-  logging.info("report written to %s", os.path.join(report["dataset"], writer.REPORT_FILENAME))
+  logging.info("report written to %s", storage.join(report["dataset"], writer.REPORT_FILENAME))
+
+
+def _check_remote_target(dataset_dir: str) -> bool:
+  """Whether a bucket's dataset folder exists and --overwrite replaces it; without --overwrite an existing one
+  stops the run before the build."""
+  if not storage.exists(dataset_dir):
+    return False
+  if not _OVERWRITE.value:
+    raise app.UsageError(f"dataset {_NAME.value!r} already exists at {dataset_dir}; pass --overwrite to replace it "
+                         "or choose another --name")
+  return True
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ Config files (configs/*.py) start from it and change what their recipe changes.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import ml_collections
 
 from perflow_jax import config_lib
+from perflow_jax import storage
 from perflow_jax.data import pipeline
 from perflow_jax.models import layers
 
@@ -187,7 +187,7 @@ def check_eval_config(ev: Any, num_windows: int) -> None:
                        "needs one step per window.")
   if ev.reference.strip().lower() not in specs:
     raise ValueError(f"config.eval.reference={ev.reference!r} must be one of config.eval.samplers={specs}.")
-  if ev.features and not os.path.exists(ev.features.partition(":")[2]):
+  if ev.features and not storage.exists(ev.features.partition(":")[2]):
     raise ValueError(f"config.eval.features={ev.features!r}: {ev.features.partition(':')[2]} does not exist "
                      "(give 'classifier:DIR' or 'inception:FILE', or '' to skip the Fréchet distance).")
   if ev.batch_size < 1:

@@ -21,7 +21,6 @@ Writes out/NNNN.png per image, out/grid.png (labelled "sampler-N: prompt") and, 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
 from absl import app
@@ -36,6 +35,7 @@ from perflow_jax import config_lib
 from perflow_jax import export as export_lib
 from perflow_jax import metrics
 from perflow_jax import sampling
+from perflow_jax import storage
 from perflow_jax.flow import losses
 from perflow_jax.weights import export as wexport
 from perflow_jax.weights import io
@@ -213,20 +213,22 @@ def generate(models: Models, prompts: Sequence[str], *, negative_prompt: str = "
 
 def write_outputs(result: dict[str, Any], out: str, label: str, npz: str | None = None,
                   num_images: int = 1) -> list[str]:
-  """PNG per image, a labelled grid (one row per prompt) and optionally the npz; returns the written paths."""
-  os.makedirs(out, exist_ok=True)
+  """PNG per image, a labelled grid (one row per prompt) and optionally the npz (local paths or URLs); returns the
+  written paths."""
+  out = storage.absolute(out)
+  storage.makedirs(out)
   paths = []
   for i, image in enumerate(result["images"]):
-    path = os.path.join(out, f"{i:04d}.png")
+    path = storage.join(out, f"{i:04d}.png")
     metrics.save_png(image, path)
     paths.append(path)
   grid = metrics.image_grid(result["images"], ncols=num_images,
                             labels=[f"{label}: {p}" for p in result["prompts"]])
-  paths.append(os.path.join(out, "grid.png"))
+  paths.append(storage.join(out, "grid.png"))
   metrics.save_png(grid, paths[-1])
   if npz:
-    os.makedirs(os.path.dirname(os.path.abspath(npz)), exist_ok=True)
-    np.savez(npz, images=result["images"], latents=result["latents"], prompts=np.asarray(result["prompts"]))
+    with storage.atomic_write(npz, "wb") as f:
+      np.savez(f, images=result["images"], latents=result["latents"], prompts=np.asarray(result["prompts"]))
     paths.append(npz)
   return paths
 
@@ -236,10 +238,9 @@ def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> lis
   if prompts and prompts_file:
     raise ValueError("give --prompt or --prompts_file, not both.")
   if prompts_file:
-    if not os.path.isfile(prompts_file):
+    if not storage.isfile(prompts_file):
       raise ValueError(f"--prompts_file={prompts_file} does not exist.")
-    with open(prompts_file, encoding="utf-8") as f:
-      prompts = [line.strip() for line in f if line.strip()]
+    prompts = [line.strip() for line in storage.read_text(prompts_file).splitlines() if line.strip()]
   if not prompts:
     raise ValueError("no prompts: pass --prompt (repeatable) or a non-empty --prompts_file.")
   return list(prompts)
@@ -321,7 +322,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   result = run_flags(flags.FLAGS)
-  print(f"wrote {len(result['images'])} images and {os.path.join(flags.FLAGS.out, 'grid.png')}")
+  print(f"wrote {len(result['images'])} images and {storage.join(flags.FLAGS.out, 'grid.png')}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from perflow_jax import trainer
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (configs/X.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run directory: checkpoints/, tensorboard/, metrics.jsonl, samples/, config.json.")
+    "workdir", None, "Run directory, local or gs://: checkpoints/, tensorboard/, metrics.jsonl, samples/, config.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -29,6 +29,7 @@ from perflow_jax import models
 from perflow_jax import preemption
 from perflow_jax import run_config
 from perflow_jax import sampling
+from perflow_jax import storage
 from perflow_jax import train_step as ts
 from perflow_jax.data import pipeline
 from perflow_jax.data import tokenizer as tokenization
@@ -112,15 +113,20 @@ def load_models(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> ModelSet:
     params[c] = sh.init_sharded(lambda k, m=module, x=inputs: m.init(k, *x)["params"], place(abstract),
                                 jax.random.fold_in(key, i))
   tokenizer_dir = mc.tokenizer
-  # SDXL's tokenizer_2: a diffusers SDXL folder's tokenizer_2/, else the first tokenizer serves both.
-  tokenizer_2_dir = os.path.join(tokenizer_dir, "tokenizer_2") if tokenizer_dir else ""
   if tokenizer_dir in ("", "procedural"):
-    # Every process writes its own copy (same bytes, no cross-process barrier); process 0's is the run's record.
-    tokenizer_dir = os.path.join(workdir, "tokenizer") if jax.process_index() == 0 else tempfile.mkdtemp()
+    # Every process writes its own local copy (same bytes, no cross-process barrier); process 0 also keeps one in
+    # the workdir as the run's record.
+    tokenizer_dir = tempfile.mkdtemp(prefix="perflow_tokenizer_")
     tokenization.write_tiny_clip_tokenizer(tokenizer_dir)
     tokenizer_2_dir = tokenizer_dir + "_2"
     if "text_encoder_2" in built:  # the same vocabulary padded with "!" (id 0), as SDXL's tokenizer_2
       tokenization.write_tiny_clip_tokenizer(tokenizer_2_dir, pad_token="!")
+    if jax.process_index() == 0:
+      storage.copy_folder(tokenizer_dir, storage.join(workdir, "tokenizer"))
+  else:
+    tokenizer_dir = storage.local_copy(tokenizer_dir)
+    # SDXL's tokenizer_2: a diffusers SDXL folder's tokenizer_2/, else the first tokenizer serves both.
+    tokenizer_2_dir = os.path.join(tokenizer_dir, "tokenizer_2")
   tokenizer_2 = None
   if "text_encoder_2" in built:
     tokenizer_2 = tokenization.load_tokenizer(tokenizer_2_dir if os.path.isdir(tokenizer_2_dir) else tokenizer_dir)
@@ -142,6 +148,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       committed; calling `train` again resumes from it.
   """
   # --- runtime and mesh -----------------------------------------------------------------------------------------
+  workdir = storage.absolute(workdir)  # a gs:// workdir without the gcp extra stops here, naming the pip command
   run_config.validate_run_config(config)
   distributed.maybe_initialize_distributed(config)
   mesh = mesh_lib.make_mesh(config.mesh)
@@ -270,7 +277,7 @@ def evaluate_at_end(config: Any, m: ModelSet, ema_params: Any, workdir: str) -> 
                          m.scaling_factor, m.teacher_prediction_type, str(pf.prediction_type), int(pf.num_windows),
                          int(config.data.resolution), m.text_encoder_2, m.text_params_2, m.tokenizer_2,
                          tuple(config.model.time_ids) or None, teacher_params=m.unet_params)
-  out = os.path.join(workdir, "eval")
+  out = storage.join(workdir, "eval")
   report = evaluate.run_evaluation(
       models, out, samplers=list(ev.samplers), reference=ev.reference, prompts=ev.prompts,
       prompts_file=ev.prompts_file or None, features=ev.features or None, real=ev.real,
@@ -327,6 +334,6 @@ class PeriodicSampler:
     grid = metrics_lib.image_grid(np.concatenate(rows), ncols=len(self._prompts), labels=labels)
     writer.write_images(step, {"samples": grid})
     if writer.enabled:
-      path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+      path = storage.join(workdir, "samples", f"step_{step:07d}.png")
       metrics_lib.save_png(grid, path)
       logging.info("Samples of step %d written to %s", step, path)

@@ -11,10 +11,11 @@ size) to features ``[N, dim]`` float64. Two kinds exist:
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
+
+from perflow_jax import storage
 
 KINDS: tuple[str, ...] = ("classifier", "inception")
 
@@ -88,7 +89,7 @@ def load_feature_net(spec: str) -> FeatureNet:
     raise FeatureNetError(
         f"feature net spec {spec!r} is not KIND:PATH with KIND one of {KINDS}; e.g. "
         "'classifier:assets/demo/classifier' or 'inception:/path/to/pt_inception-2015-12-05-6726825d.pth'.")
-  if not os.path.exists(path):
+  if not storage.exists(path):
     if kind == "classifier":
       fix = ("train one with `python -m perflow_jax.evaluation.classifier --out=DIR` and pass 'classifier:DIR' "
              "(the repository ships assets/demo/classifier)")
@@ -96,6 +97,7 @@ def load_feature_net(spec: str) -> FeatureNet:
       fix = ("download pytorch-fid's FID Inception weights pt_inception-2015-12-05-6726825d.pth (a release "
              "asset of the pytorch-fid project) on a machine with network access and pass 'inception:FILE'")
     raise FeatureNetError(f"feature net spec {spec!r}: {path} does not exist; {fix}.")
+  path = storage.local_copy(path)  # a bucket's folder or file: read from a local copy
   # Imported here: each module pulls in its own model code, and both import this module.
   if kind == "classifier":
     from perflow_jax.evaluation import classifier  # pylint: disable=g-import-not-at-top

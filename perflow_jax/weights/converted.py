@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from perflow_jax import models
+from perflow_jax import storage
 from perflow_jax.weights import names, pretrained
 
 PARAMS_DIR = "params"
@@ -28,33 +29,32 @@ FORMAT_VERSION = 1
 
 
 def check_output_dir(out_dir: str) -> str:
-  """Raises unless `out_dir` is absent or empty (called before the long conversion, not after). Returns abspath."""
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+  """Raises unless `out_dir` (a local path or a URL) is absent or empty; called before the long conversion, not
+  after. Returns it absolute."""
+  out_dir = storage.absolute(out_dir)
+  if storage.exists(out_dir) and (not storage.isdir(out_dir) or storage.listdir(out_dir)):
     raise ValueError(f"output directory {out_dir} exists and is not empty; choose a new --out or empty it.")
   return out_dir
 
 
 def save_converted(bundle: "pretrained.Pretrained", out_dir: str) -> str:
-  """Writes `bundle` as a converted directory (which must not exist yet, or be empty). Returns its path."""
+  """Writes `bundle` as a converted directory (a local path or a URL; it must not exist yet, or be empty).
+  Returns its path."""
   out_dir = check_output_dir(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(out_dir, PARAMS_DIR), bundle.params())
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  for name in ("tokenizer", "tokenizer_2"):
-    tok = getattr(bundle, name)
-    if tok is not None:
-      tok.save_pretrained(os.path.join(out_dir, name))
-  config = {k: v for k, v in bundle.config.items() if k not in ("tokenizer_dirs", "format")}
-  config["format_version"] = FORMAT_VERSION
-  config["param_dtype"] = str(jax.tree_util.tree_leaves(bundle.unet_params)[0].dtype)
   # The marker file is written last: a directory without it is an interrupted conversion, never loaded as one.
-  tmp = os.path.join(out_dir, pretrained.CONVERTED_MARKER + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(out_dir, pretrained.CONVERTED_MARKER))
+  with storage.staged_folder(out_dir, last=(pretrained.CONVERTED_MARKER,)) as local:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(local, PARAMS_DIR), bundle.params())
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    for name in ("tokenizer", "tokenizer_2"):
+      tok = getattr(bundle, name)
+      if tok is not None:
+        tok.save_pretrained(os.path.join(local, name))
+    config = {k: v for k, v in bundle.config.items() if k not in ("tokenizer_dirs", "format")}
+    config["format_version"] = FORMAT_VERSION
+    config["param_dtype"] = str(jax.tree_util.tree_leaves(bundle.unet_params)[0].dtype)
+    storage.write_text(os.path.join(local, pretrained.CONVERTED_MARKER), json.dumps(config, indent=2, sort_keys=True))
   return out_dir
 
 

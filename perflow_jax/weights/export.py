@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from perflow_jax import storage
 from perflow_jax.weights import io, names, pretrained, single_file
 
 
@@ -175,13 +176,13 @@ def unet_diffusers_config(unet: nn.Module) -> dict[str, Any]:
 def write_unet_folder(out_dir: str, unet: nn.Module, params: Mapping[str, Any], dtype: Any = np.float32) -> str:
   """Writes a diffusers-layout UNet folder (config.json + diffusion_pytorch_model.safetensors).
 
-  `diffusers.UNet2DConditionModel.from_pretrained(out_dir)` loads it. Returns out_dir.
+  `diffusers.UNet2DConditionModel.from_pretrained(out_dir)` loads it. `out_dir` may be a URL (gs://). The weights
+  are written first and config.json last, so a folder with config.json is complete. Returns out_dir.
   """
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(unet_diffusers_config(unet), f, indent=2)
-  io.write_safetensors(os.path.join(out_dir, "diffusion_pytorch_model" + io.SAFETENSORS_SUFFIX),
-                       export_unet_state_dict(params, dtype), metadata={"format": "pt"})
+  with storage.staged_folder(out_dir, last=("config.json",)) as local:
+    io.write_safetensors(os.path.join(local, "diffusion_pytorch_model" + io.SAFETENSORS_SUFFIX),
+                         export_unet_state_dict(params, dtype), metadata={"format": "pt"})
+    storage.write_json(os.path.join(local, "config.json"), unet_diffusers_config(unet))
   return out_dir
 
 
@@ -218,29 +219,24 @@ def write_pipeline_folder(out_dir: str, modules: Mapping[str, nn.Module], params
     family: 'sd1' | 'sd2' | 'sdxl' (the pipeline class in model_index.json).
     dtype: storage dtype of the weights (np.float16 halves the size; loading casts back to float32).
   """
-  import shutil  # pylint: disable=g-import-not-at-top
   weight_names = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
   index: dict[str, Any] = {"_class_name": _PIPELINE_CLASS[family], "_diffusers_version": "0.42.1"}
-  for comp, module in modules.items():
-    folder = os.path.join(out_dir, comp)
-    os.makedirs(folder, exist_ok=True)
-    config = component_config(comp, module)
-    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
-      json.dump(config, f, indent=2)
-    weights = os.path.join(folder, weight_names.get(comp, "model") + io.SAFETENSORS_SUFFIX)
-    io.write_safetensors(weights, export_state_dict(comp, params[comp], dtype), metadata={"format": "pt"})
-    library = "diffusers" if comp in weight_names else "transformers"
-    index[comp] = [library, config.get("_class_name") or config["architectures"][0]]
-  for name, src in tokenizer_dirs.items():
-    dst = os.path.join(out_dir, name)
-    os.makedirs(dst, exist_ok=True)
-    for file in os.listdir(src):
-      shutil.copy(os.path.join(src, file), os.path.join(dst, file))
-    index[name] = ["transformers", "CLIPTokenizer"]
-  os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
-  with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
-    json.dump(dict(scheduler_config), f, indent=2)
-  index["scheduler"] = ["diffusers", scheduler_config.get("_class_name", "DDIMScheduler")]
-  with open(os.path.join(out_dir, "model_index.json"), "w", encoding="utf-8") as f:
-    json.dump(index, f, indent=2)
+  # model_index.json goes last: a folder that has it is complete (also on a bucket, see storage.staged_folder).
+  with storage.staged_folder(out_dir, last=("model_index.json",)) as local:
+    for comp, module in modules.items():
+      folder = os.path.join(local, comp)
+      config = component_config(comp, module)
+      storage.write_json(os.path.join(folder, "config.json"), config)
+      weights = os.path.join(folder, weight_names.get(comp, "model") + io.SAFETENSORS_SUFFIX)
+      io.write_safetensors(weights, export_state_dict(comp, params[comp], dtype), metadata={"format": "pt"})
+      library = "diffusers" if comp in weight_names else "transformers"
+      index[comp] = [library, config.get("_class_name") or config["architectures"][0]]
+    for name, src in tokenizer_dirs.items():
+      src = storage.local_copy(src)
+      for file in os.listdir(src):
+        storage.copy_file(os.path.join(src, file), os.path.join(local, name, file))
+      index[name] = ["transformers", "CLIPTokenizer"]
+    storage.write_json(os.path.join(local, "scheduler", "scheduler_config.json"), dict(scheduler_config))
+    index["scheduler"] = ["diffusers", scheduler_config.get("_class_name", "DDIMScheduler")]
+    storage.write_json(os.path.join(local, "model_index.json"), index)
   return out_dir

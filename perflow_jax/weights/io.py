@@ -18,6 +18,8 @@ from typing import Any, Mapping
 import ml_dtypes
 import numpy as np
 
+from perflow_jax import storage
+
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -62,8 +64,23 @@ def _corrupt(path: str, why: str) -> WeightFileError:
                          "(an interrupted download or copy). Download or convert it again.")
 
 
+def local_file(path: str) -> str:
+  """A local path for a weight file given as a local path or a URL (gs://: downloaded once into the cache of
+  `perflow_jax.storage.local_copy`; a sharded checkpoint's index brings its whole folder)."""
+  if not storage.is_remote(path):
+    return path
+  try:
+    if path.endswith(INDEX_SUFFIX):
+      folder, name = path.rsplit("/", 1)
+      return os.path.join(storage.local_copy(folder), name)
+    return storage.local_copy(path)
+  except FileNotFoundError:
+    raise WeightFileError(f"weight file {path} does not exist.") from None
+
+
 def read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
   """Returns (header dict without '__metadata__' split out, byte offset where the data starts)."""
+  path = local_file(path)
   if not os.path.isfile(path):
     raise WeightFileError(f"weight file {path} does not exist.")
   size = os.path.getsize(path)
@@ -93,6 +110,7 @@ def read_safetensors(path: str, dtype: Any | None = None) -> dict[str, np.ndarra
   Raises:
     WeightFileError: missing file, or a header/data layout that does not fit the file (truncated or corrupt).
   """
+  path = local_file(path)
   header, start = read_safetensors_header(path)
   size = os.path.getsize(path)
   with open(path, "rb") as f:
@@ -118,7 +136,8 @@ def read_safetensors(path: str, dtype: Any | None = None) -> dict[str, np.ndarra
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
                       metadata: Mapping[str, str] | None = None) -> None:
-  """Writes {name: numpy array} as a .safetensors file (bfloat16 included), atomically via a temp file."""
+  """Writes {name: numpy array} as a .safetensors file (bfloat16 included) at a local path or a URL, atomically
+  (`perflow_jax.storage.atomic_write`)."""
   entries, offset, arrays = {}, 0, []
   for name in sorted(tensors):
     a = np.ascontiguousarray(tensors[name])
@@ -132,13 +151,11 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
     entries["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
   raw = json.dumps(entries, separators=(",", ":")).encode("utf-8")
   raw += b" " * (-len(raw) % 8)  # the format pads the header so the data section starts 8-byte aligned
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
+  with storage.atomic_write(path, "wb") as f:
     f.write(struct.pack("<Q", len(raw)))
     f.write(raw)
     for a in arrays:
       f.write(a.tobytes())
-  os.replace(tmp, path)
 
 
 def unwrap_state_dict(obj: Any) -> dict[str, Any]:
@@ -220,6 +237,7 @@ def read_state_dict(path: str, *, dtype: Any | None = None, allow_pickle: bool =
     dtype: None keeps stored dtypes; otherwise floating tensors are cast to it.
     allow_pickle: opt-in for pickle-based files.
   """
+  path = local_file(path)
   if path.endswith(INDEX_SUFFIX):
     return read_sharded_safetensors(path, dtype)
   if path.endswith(SAFETENSORS_SUFFIX):

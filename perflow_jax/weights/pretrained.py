@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from perflow_jax import models
+from perflow_jax import storage
 from perflow_jax.weights import defaults, io, names, single_file
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -246,6 +247,17 @@ def _read_single_file(path: str, *, allow_pickle: bool, config_path: str | None,
   return family, configs, comps, tok_dirs
 
 
+def _local_input(path: str | None, what: str) -> str | None:
+  """A local path for an input given locally or as a URL (a bucket's folder or file is downloaded once into the
+  cache of `perflow_jax.storage.local_copy`; the weights have to be read whole anyway)."""
+  if path is None or not storage.is_remote(path):
+    return path
+  try:
+    return storage.local_copy(path)
+  except FileNotFoundError:
+    raise ValueError(f"{what} {path} does not exist (no object at or under that URL).") from None
+
+
 def load_pretrained(path: str, dtype: Any = jnp.float32, *, prediction_type: str | None = None,
                     allow_pickle: bool = False, shardings: ShardingSpec = None, tokenizer_path: str | None = None,
                     config_path: str | None = None, extract_ema: bool = False, compute_dtype: Any = None,
@@ -274,9 +286,14 @@ def load_pretrained(path: str, dtype: Any = jnp.float32, *, prediction_type: str
   """
   from perflow_jax.weights import converted  # pylint: disable=g-import-not-at-top  (it imports this module)
   compute_dtype = dtype if compute_dtype is None else compute_dtype
+  source = storage.absolute(path)
+  path, tokenizer_path, config_path = (_local_input(p, what) for p, what in (
+      (path, "pretrained model"), (tokenizer_path, "tokenizer_path"), (config_path, "config_path")))
   if os.path.isdir(path) and os.path.isfile(os.path.join(path, CONVERTED_MARKER)):
-    return converted.load_converted(path, dtype, prediction_type=prediction_type, shardings=shardings,
-                                    compute_dtype=compute_dtype, precision=precision)
+    bundle = converted.load_converted(path, dtype, prediction_type=prediction_type, shardings=shardings,
+                                      compute_dtype=compute_dtype, precision=precision)
+    bundle.config["source"] = source
+    return bundle
   if os.path.isdir(path):
     if not (os.path.isfile(os.path.join(path, "model_index.json")) or os.path.isdir(os.path.join(path, "unet"))):
       raise ValueError(f"{path} is neither a diffusers folder (model_index.json, unet/, ...) nor a directory "
@@ -320,6 +337,6 @@ def load_pretrained(path: str, dtype: Any = jnp.float32, *, prediction_type: str
   for name in needed:
     max_len = configs["text_encoder"].get("max_position_embeddings", 77)
     fields[name] = load_tokenizer(tok_dirs[name], max_len)
-  config = {"family": family, "prediction_type": pred, "source": os.path.abspath(path), "format": fmt,
+  config = {"family": family, "prediction_type": pred, "source": source, "format": fmt,
             "tokenizer_dirs": {k: v for k, v in tok_dirs.items() if k in needed}, **configs}
   return Pretrained(config=config, **fields)

@@ -242,7 +242,8 @@ class TpuPodTest(_LauncherTest):
     remote = self.remote_command(lines[3])
     self.assertIn('python3 -m pip install --user --quiet --upgrade uv', remote)
     self.assertIn('python3 -m uv venv --seed --python 3.11 "$HOME"/perflow_venv', remote)
-    self.assertIn('python3 -m uv pip install --python "$HOME"/perflow_venv/bin/python "jax[tpu]" -e .', remote)
+    self.assertIn('python3 -m uv pip install --python "$HOME"/perflow_venv/bin/python "jax[tpu]" -e ".[gcp]"',
+                  remote)
     self.assertIn("sys.version_info >= (3, 11)", remote)
     self.assertNotIn("python3 -m pip install -q", remote)  # nothing goes into the system Python but uv
 
@@ -427,6 +428,7 @@ class GkeTest(_LauncherTest):
     dockerfile = _read(os.path.join(LAUNCH, "Dockerfile"))
     self.assertRegex(dockerfile, r"(?m)^FROM python:3\.11")
     self.assertIn('pip install "${JAX_SPEC}" -e ".${PIP_EXTRAS}"', dockerfile)
+    self.assertIn('ARG PIP_EXTRAS="[gcp]"', dockerfile)  # gs:// paths need the gcp extra
     for line in re.findall(r"(?m)^COPY (.+)$", dockerfile):
       for source in line.split()[:-1]:
         self.assertTrue(os.path.exists(os.path.join(REPO, source)), source)
