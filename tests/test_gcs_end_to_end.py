@@ -6,6 +6,7 @@ on local disk; the bucket holds every file WORKSPACE.md promises; no local `gs:`
 contacted any address but 127.0.0.1.
 """
 
+import json
 import os
 import re
 import signal
@@ -62,9 +63,7 @@ class GcsEndToEndTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.root = tempfile.mkdtemp(prefix="perflow_gcs_e2e_")
-    cls.gcs = gcs_testutil.GcsEmulator().start()
-    cls.addClassCleanup(cls.gcs.stop)
-    cls.gcs.install_in_process()
+    cls.gcs = gcs_testutil.GcsEmulator.for_test_class(cls)
     cls.env = {**os.environ, **cls.gcs.env(), "PERFLOW_JAX_CACHE": os.path.join(cls.root, "child_cache")}
     os.environ["PERFLOW_JAX_CACHE"] = os.path.join(cls.root, "cache")
     # The teacher: the tiny config's random initialisation as a diffusers folder, uploaded to the bucket.
@@ -123,6 +122,8 @@ class GcsEndToEndTest(absltest.TestCase):
     self.assertEqual(sorted(got), sorted(want))
     for name in want:
       np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    unet_url = export.cli(["export", f"--workdir={RUN}", f"--out={OUT}/unet", "--format=unet"])
+    self.assertEqual(json.loads(storage.read_text(f"{unet_url}/config.json"))["_class_name"], "UNet2DConditionModel")
     result = sample.cli(["sample", f"--workdir={RUN}", f"--out={OUT}/samples", f"--npz={OUT}/samples.npz",
                          "--prompt=a red circle on a blue background", "--num_steps=4", "--batch_size=2"])
     report = evaluate.cli(["evaluate", f"--workdir={RUN}", f"--out={RUN}/eval", "--samplers=ddim-4,perflow-4",
@@ -142,7 +143,7 @@ class GcsEndToEndTest(absltest.TestCase):
     events = [n for n in names if n.startswith("run/tensorboard/") and "tfevents" in n]
     self.assertNotEmpty(events)
     self.assertIn(b"loss", b"".join(self.gcs.read_bytes(f"gs://bucket/{n}") for n in events))
-    for name in ("out/delta.safetensors", "out/samples/0000.png", "out/samples/grid.png", "out/samples.npz"):
+    for name in ("out/delta.safetensors", "out/unet/diffusion_pytorch_model.safetensors", "out/samples/0000.png", "out/samples/grid.png", "out/samples.npz"):
       self.assertIn(name, names)
     self.assertLen(result["images"], 1)
     self.assertEqual(metrics.read_metrics(RUN)[-1]["step"], STEPS)

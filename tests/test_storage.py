@@ -20,9 +20,11 @@ from perflow_jax import evaluate
 from perflow_jax import metrics
 from perflow_jax import storage
 from perflow_jax.data import sources
+from perflow_jax.evaluation import features
 import gcs_testutil
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSIFIER = os.path.join(REPO, "assets", "demo", "classifier")
 
 
 class PathsTest(absltest.TestCase):
@@ -64,9 +66,7 @@ class BucketTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.gcs = gcs_testutil.GcsEmulator().start()
-    cls.addClassCleanup(cls.gcs.stop)
-    cls.gcs.install_in_process()
+    cls.gcs = gcs_testutil.GcsEmulator.for_test_class(cls)
     cls.cache = tempfile.mkdtemp()
     cls.enterClassContext(mock.patch.dict(os.environ, {"PERFLOW_JAX_CACHE": cls.cache}))
 
@@ -167,6 +167,9 @@ writer.close()
     np.testing.assert_array_equal(np.asarray(restored.state["params"]["w"]), 2.0 * np.arange(32.0).reshape(4, 8))
     self.assertIn("Moved unreadable checkpoint step 4 to gs://bucket/ckpt_run/checkpoints_damaged/4",
                   "\n".join(logs.output))
+    # config.model.init_from=gs://...: another run's EMA weights, read from the bucket.
+    ema = checkpoint.restore_ema_params(workdir, abstract["params"])
+    np.testing.assert_array_equal(np.asarray(ema["w"]), 2.0 * np.arange(32.0).reshape(4, 8))
     moved = self.gcs.list_objects(f"{workdir}/checkpoints_damaged/4/")
     self.assertIn("ckpt_run/checkpoints_damaged/4/state/_METADATA", moved)  # moved, not deleted
     self.assertEqual(self.gcs.list_objects(f"{workdir}/checkpoints/4/"), [])
@@ -199,6 +202,15 @@ writer.close()
     np.testing.assert_allclose(got, images.astype(np.float32) / 127.5 - 1.0, atol=1e-6)
     with self.assertRaisesRegex(ValueError, "--real=gs://bucket/real/missing.npz does not exist"):
       evaluate.read_real_images("gs://bucket/real/missing.npz", 20)
+
+  def test_a_feature_net_in_a_bucket_loads_as_the_local_one(self):
+    storage.copy_folder(CLASSIFIER, "gs://bucket/classifier")
+    remote = features.load_feature_net("classifier:gs://bucket/classifier")
+    local = features.load_feature_net(f"classifier:{CLASSIFIER}")
+    images = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(remote.features(images, 2), local.features(images, 2))
+    with self.assertRaisesRegex(features.FeatureNetError, "gs://bucket/none does not exist"):
+      features.load_feature_net("classifier:gs://bucket/none")
 
 
 def _png_side(encoded: bytes) -> int:

@@ -10,7 +10,6 @@ PeRFlow delta weights: `delta_state_dict` (student - base), `merge_delta` (the r
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping
 
