@@ -8,9 +8,13 @@ r"""Benchmarks: the training step's speed and memory, few-step sampling latency,
 step: the trainer's step (`train_step.make_train_step`, same shardings and donation) on random weights and a
   latent-cache batch ({'latent_mean','latent_logvar','context'}, logvar = -30 so x0 is the mean), so neither the
   VAE nor the text encoder is measured (as in `shared/bench/torch_perflow_step.py`); the empty-prompt context is
-  zeros. Reports compile time, the median of `--steps` steps after one warm-up, examples/s, model FLOPs per step,
-  achieved FLOP/s against the measured peak of a jitted float32 matmul, the compiled per-device memory, and the
-  teacher solve's share of the step.
+  zeros. SDXL (`--family=sdxl`, or a config whose model.unet has addition_embed_type 'text_time'): the context
+  is `perflow_jax.conditioning`'s dict {'hidden' [B, 77, 2048], 'text_embeds' [B, 1280], 'time_ids' [B, 6]},
+  shaped by tracing `conditioning.encode_ids` with the configured text encoders (`context_shapes`); the two text
+  encoders, which the trainer runs inside the step on image batches, are not measured either. Reports compile
+  time, the median of `--steps` steps after one warm-up, examples/s, model FLOPs per step, achieved FLOP/s
+  against the measured peak of a jitted float32 matmul, the compiled per-device memory, and the teacher solve's
+  share of the step.
   * FLOPs: XLA's cost analysis counts a while loop's body once (the teacher's `fori_loop` over solver steps and
     the sampler's loop), so `flops_per_step` is built from the cost analysis of one compiled UNet forward at the
     step's batch: (solver_steps * g + 3) * forward, g = 2 for the 'guided' teacher (cond + uncond) and 1 for
@@ -22,8 +26,10 @@ step: the trainer's step (`train_step.make_train_step`, same shardings and donat
   * Peak: best of 5 runs of a jitted [n, n] @ [n, n] float32 matmul on one device (`--peak_matmul_size`);
     `flops_fraction_of_peak` = flops_per_step / median_step_s / (peak * devices).
 memory: lowers and compiles the step with abstract inputs only (ShapeDtypeStructs with shardings: no weight is
-  materialised) on the config's mesh, and reports the compiled per-device memory. Where config.model.unet/vae are
-  empty the published configs of `--family` are used (perflow_jax.weights.defaults). `--per_device_batch` sets
+  materialised) on the config's mesh, and reports the compiled per-device memory. Where config.model.unet/vae/
+  text_encoder(_2) are empty the published configs of `--family` (sd1 | sd2 | sdxl) are used
+  (perflow_jax.weights.defaults); without the flag, the config's family (`config_family`: configs/sdxl.py is
+  sdxl through its model.time_ids, a config without model dicts otherwise sd1). `--per_device_batch` sets
   the global batch to per-device batch * devices. On CPU, `--num_devices` simulates devices. The step uses
   config.model.attention ('chunked' keeps one block of attention logits live; configs/sd15.py uses it).
   XLA:CPU's default scheduler starts many weight all-gathers early; the environment
@@ -83,8 +89,9 @@ _WARMUP = flags.DEFINE_integer("warmup_batches", 5, "Batches read before timing 
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed calls after one warm-up call (step and sample modes).")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "CPU only: simulate this many devices (0: as given).")
 _PER_DEVICE_BATCH = flags.DEFINE_integer("per_device_batch", 0, "Global batch = this * devices (0: the config's).")
-_FAMILY = flags.DEFINE_enum("family", "sd1", ["sd1", "sd2"], "Published model configs used where the config's "
-                            "model.unet / model.vae are empty.")
+_FAMILY = flags.DEFINE_enum("family", "", ["", "sd1", "sd2", "sdxl"], "Published model configs used where the "
+                            "config's model.unet / .vae / .text_encoder[_2] are empty; '' = the config's family "
+                            "(`config_family`).")
 _PEAK_SIZE = flags.DEFINE_integer("peak_matmul_size", 2048, "n of the [n, n] @ [n, n] peak-throughput matmul.")
 _PERFLOW_STEPS = flags.DEFINE_integer("perflow_steps", 4, "PeRFlow sampling steps (sample mode).")
 _DDIM_STEPS = flags.DEFINE_integer("ddim_steps", 25, "Teacher DDIM steps (sample mode).")
@@ -137,16 +144,31 @@ def cost_flops(compiled: Any) -> float:
 # ---------------------------------------------------------------------------------------------- the step setup
 
 
+def config_family(config: Any) -> str:
+  """'sd1' | 'sd2' | 'sdxl' as far as `config` says: its non-empty model.unet / .vae / .text_encoder[_2] by
+  `defaults.family_of_configs`; with none set, 'sdxl' where model.time_ids (SDXL's micro-conditioning, which
+  configs/sdxl.py spells out) is set, else 'sd1' (SD1 and SD2 configs without model dicts look alike: pass
+  --family=sd2)."""
+  from perflow_jax.weights import defaults  # pylint: disable=g-import-not-at-top
+
+  mc = config.model
+  given = {c: dict(mc[c]) for c in ("unet", "vae", "text_encoder", "text_encoder_2") if mc.get(c)}
+  if given:
+    return defaults.family_of_configs(given)
+  return "sdxl" if tuple(mc.get("time_ids", ())) else "sd1"
+
+
 def complete_model_configs(config: Any, family: str = "sd1") -> Any:
-  """A copy of `config` whose empty model.unet / model.vae / model.text_encoder are the published `family`
-  configs (perflow_jax.weights.defaults), with teacher_prediction_type set: enough to build the step."""
+  """A copy of `config` whose empty model.unet / .vae / .text_encoder (SDXL: also .text_encoder_2) are the
+  published `family` configs (perflow_jax.weights.defaults), with teacher_prediction_type set: enough to build
+  the step."""
   from perflow_jax.weights import defaults  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
 
   config = copy.deepcopy(config)
   published = defaults.family_configs(family)
-  for component in ("unet", "vae", "text_encoder"):
-    if not config.model[component]:
+  for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    if component in published and not config.model[component]:
       config.model[component] = ml_collections.ConfigDict(
           {k: v for k, v in published[component].items() if not k.startswith("_")})
   if not config.model.teacher_prediction_type:
@@ -165,6 +187,39 @@ def latent_shape(config: Any) -> tuple[int, int, int]:
   return size, size, int(unet["in_channels"])
 
 
+def is_sdxl(config: Any) -> bool:
+  """Whether config.model.unet takes SDXL's added conditioning (addition_embed_type 'text_time')."""
+  return config.model.unet.get("addition_embed_type") == "text_time"
+
+
+def context_shapes(config: Any, batch_size: int) -> Any:
+  """The UNet's context for `batch_size` prompts (`perflow_jax.conditioning`) as float32 ShapeDtypeStructs.
+
+  SD1/SD2: [B, 77, unet.cross_attention_dim], as a latent cache stores it. SDXL: the dict {'hidden' [B, 77,
+  D1+D2], 'text_embeds' [B, P], 'time_ids' [B, 6]} that `conditioning.encode_ids` returns for the configured
+  text encoders and `conditioning.micro_conditioning` time ids, traced abstractly (nothing runs)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  mc = config.model
+  if not is_sdxl(config):
+    return jax.ShapeDtypeStruct((batch_size, CONTEXT_LENGTH, int(mc.unet["cross_attention_dim"])), jnp.float32)
+  from perflow_jax import conditioning  # pylint: disable=g-import-not-at-top
+  from perflow_jax import models  # pylint: disable=g-import-not-at-top
+  from perflow_jax.weights import pretrained  # pylint: disable=g-import-not-at-top
+
+  # As the trainer builds them: SDXL's second encoder always carries the text projection.
+  arch = {"text_encoder_2": {"architectures": ["CLIPTextModelWithProjection"]}}
+  one, two = (pretrained.build_module(c, {**arch.get(c, {}), **dict(mc[c])})
+              for c in ("text_encoder", "text_encoder_2"))
+  ids = jax.ShapeDtypeStruct((batch_size, CONTEXT_LENGTH), jnp.int32)
+  time_ids = conditioning.micro_conditioning(int(config.data.resolution), tuple(mc.get("time_ids", ())))
+  encode = lambda p1, p2, i1, i2: conditioning.encode_ids(one, p1, i1, text_encoder_2=two, text_params_2=p2,
+                                                          input_ids_2=i2, time_ids=time_ids)
+  context = jax.eval_shape(encode, models.abstract_params(one), models.abstract_params(two), ids, ids)
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), context)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepSetup:
   """Everything to lower the trainer's step: the jitted step, a teacher-only `prepare` and their inputs' types.
@@ -180,7 +235,8 @@ class StepSetup:
 
 
 def build_step(config: Any, mesh: Any) -> StepSetup:
-  """The trainer's step for `config` on `mesh`, fed a latent-cache batch (see the module docstring)."""
+  """The trainer's step for `config` on `mesh`, fed a latent-cache batch (see the module docstring); SDXL's
+  batch carries its conditioning dict (`context_shapes`) as the context."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
@@ -206,13 +262,15 @@ def build_step(config: Any, mesh: Any) -> StepSetup:
                             (state_sh, param_sh))
 
   batch_size, (h, w, c) = int(config.data.batch_size), latent_shape(config)
-  width = int(mc.unet["cross_attention_dim"])
   rep, batch_sh = sh.replicated(mesh), sh.batch_sharding(mesh, rules)
   latent = jax.ShapeDtypeStruct((batch_size, h, w, c), jnp.float32, sharding=batch_sh)
-  batch = {"latent_mean": latent, "latent_logvar": latent,
-           "context": jax.ShapeDtypeStruct((batch_size, CONTEXT_LENGTH, width), jnp.float32, sharding=batch_sh)}
+  context = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sh),
+                         context_shapes(config, batch_size))
+  batch = {"latent_mean": latent, "latent_logvar": latent, "context": context}
   teacher_dtype = trainer.DTYPES[mc.teacher_dtype]
-  frozen = {"empty_context": jax.ShapeDtypeStruct((1, CONTEXT_LENGTH, width), jnp.float32, sharding=rep)}
+  # The "" prompt's context: the same structure with leading dim 1 (the trainer's frozen['empty_context']).
+  empty = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1,) + a.shape[1:], a.dtype, sharding=rep), context)
+  frozen = {"empty_context": empty}
   if config.objective == "perflow":
     frozen["teacher"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, teacher_dtype, sharding=a.sharding),
                                      params)
@@ -220,6 +278,8 @@ def build_step(config: Any, mesh: Any) -> StepSetup:
 
   student = ts.training_unet(unet, mc)
   objective = ts.OBJECTIVES[config.objective](config, student, mc.teacher_prediction_type or "epsilon")
+  # Passes batch['context'] through unchanged: an array, or SDXL's dict (the trainer's image path computes the
+  # same dict with the text encoders inside the step; those and the VAE encoder are not part of this program).
   encode = ts.make_encode_fn(None, None, float(mc.vae.get("scaling_factor", 0.18215)), from_cache=True)
   step_fn = ts.make_train_step(config, encode, objective, optimizer)
   shardings = lambda tree: jax.tree.map(lambda a: a.sharding, tree)
@@ -235,12 +295,29 @@ def build_step(config: Any, mesh: Any) -> StepSetup:
   return StepSetup(config, mesh, unet, step, prepare, (state, ema, frozen, batch, key))
 
 
-def materialize(setup: StepSetup, seed: int = 0) -> tuple[Any, ...]:
-  """Concrete step inputs matching `setup.abstract_args`: a random-init student (= teacher, = EMA), zero empty
-  context, a latent-cache batch with x0 ~ N(0, 1) and context ~ N(0, 1) (as the torch reference feeds)."""
+def _context_values(context: Any, key: Any, time_ids: Any, fill: Callable[..., Any]) -> Any:
+  """A context like the abstract `context`: `fill(key, shape)` for the text fields, SDXL's `time_ids` broadcast."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
+  from perflow_jax import conditioning  # pylint: disable=g-import-not-at-top
+
+  if not isinstance(context, dict):
+    return fill(key, context.shape)
+  keys = jax.random.split(key, len(conditioning.TEXT_KEYS))
+  values = {k: fill(k_, context[k].shape) for k, k_ in zip(conditioning.TEXT_KEYS, keys)}
+  ids = context[conditioning.TIME_IDS]
+  return {**values, conditioning.TIME_IDS: jnp.broadcast_to(jnp.asarray(time_ids, jnp.float32), ids.shape)}
+
+
+def materialize(setup: StepSetup, seed: int = 0) -> tuple[Any, ...]:
+  """Concrete step inputs matching `setup.abstract_args`: a random-init student (= teacher, = EMA), zero empty
+  context, a latent-cache batch with x0 ~ N(0, 1) and context ~ N(0, 1) (as the torch reference feeds); SDXL's
+  text fields likewise, its time ids the config's micro-conditioning."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from perflow_jax import conditioning  # pylint: disable=g-import-not-at-top
   from perflow_jax import train_step as ts  # pylint: disable=g-import-not-at-top
   from perflow_jax.parallel import sharding as sh  # pylint: disable=g-import-not-at-top
 
@@ -254,17 +331,21 @@ def materialize(setup: StepSetup, seed: int = 0) -> tuple[Any, ...]:
   state, ema = jax.jit(lambda p: ts.init_train_state(p, optimizer),
                        out_shardings=(shardings(state_a), shardings(ema_a)))(params)
   scaling = float(config.model.vae.get("scaling_factor", 0.18215))
+  time_ids = conditioning.micro_conditioning(int(config.data.resolution), tuple(config.model.get("time_ids", ())))
 
   def make_batch(k):
     k_x, k_c = jax.random.split(k)
     shape = batch_a["latent_mean"].shape
     return {"latent_mean": jax.random.normal(k_x, shape, jnp.float32) / scaling,
             "latent_logvar": jnp.full(shape, LOGVAR_POINT, jnp.float32),
-            "context": jax.random.normal(k_c, batch_a["context"].shape, jnp.float32)}
+            "context": _context_values(batch_a["context"], k_c, time_ids,
+                                       lambda k_, s: jax.random.normal(k_, s, jnp.float32))}
 
   batch = jax.jit(make_batch, out_shardings=shardings(batch_a))(jax.random.fold_in(key, 1))
-  frozen = {"empty_context": jax.device_put(jnp.zeros(frozen_a["empty_context"].shape, jnp.float32),
-                                            frozen_a["empty_context"].sharding)}
+  empty = jax.jit(lambda: _context_values(frozen_a["empty_context"], jax.random.key(0), time_ids,
+                                          lambda _, s: jnp.zeros(s, jnp.float32)),
+                  out_shardings=shardings(frozen_a["empty_context"]))()
+  frozen = {"empty_context": empty}
   if "teacher" in frozen_a:
     frozen["teacher"] = jax.jit(lambda p: jax.tree.map(lambda x, a: x.astype(a.dtype), p, frozen_a["teacher"]),
                                 out_shardings=shardings(frozen_a["teacher"]))(params)
@@ -277,14 +358,15 @@ def unet_forward_flops(setup: StepSetup, batch_size: int) -> float:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
+  from perflow_jax import conditioning  # pylint: disable=g-import-not-at-top
+
   _, ema_a, _, batch_a, _ = setup.abstract_args
   shape = (batch_size,) + batch_a["latent_mean"].shape[1:]
-  context = (batch_size,) + batch_a["context"].shape[1:]
+  context = jax.tree.map(lambda a: jax.ShapeDtypeStruct((batch_size,) + a.shape[1:], a.dtype), batch_a["context"])
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), ema_a)
-  forward = jax.jit(lambda p, z, t, c: setup.unet.apply({"params": p}, z, t, c))
+  forward = jax.jit(lambda p, z, t, c: conditioning.apply_unet(setup.unet, p, z, t, c))
   compiled = forward.lower(params, jax.ShapeDtypeStruct(shape, jnp.float32),
-                           jax.ShapeDtypeStruct((batch_size,), jnp.float32),
-                           jax.ShapeDtypeStruct(context, jnp.float32)).compile()
+                           jax.ShapeDtypeStruct((batch_size,), jnp.float32), context).compile()
   return cost_flops(compiled)
 
 
@@ -316,7 +398,7 @@ def _describe(config: Any, mesh: Any) -> dict[str, Any]:
           "num_windows": int(pf.num_windows), "solver": pf.solver, "solver_steps": int(pf.solver_steps),
           "teacher_guidance": pf.teacher_guidance, "dtype": config.model.dtype,
           "teacher_dtype": config.model.teacher_dtype, "remat": bool(config.model.remat),
-          "attention": config.model.attention,
+          "attention": config.model.attention, "family": config_family(config),
           "mesh": {k: int(v) for k, v in mesh.shape.items()}, "devices": jax.device_count(),
           "platform": jax.devices()[0].platform, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
@@ -494,11 +576,15 @@ def _training_config(config: Any, per_device_batch: int, family: str) -> Any:
 
   if config is None:
     raise app.UsageError("--config is required for this mode (e.g. --config=configs/bench.py).")
-  config = complete_model_configs(config, family)
+  config = complete_model_configs(config, family or config_family(config))
   if per_device_batch:
     config.data.batch_size = int(per_device_batch) * jax.device_count()
-  # The benchmark feeds latent-cache batches: image augmentations do not apply.
-  config.data.source, config.data.random_flip, config.data.random_crop = "cache", False, False
+  # The benchmark feeds latent-cache batches: image augmentations do not apply. SDXL keeps its image source in
+  # the config (run_config rejects a cache for SDXL, which stores no pooled embedding); its step is fed the same
+  # latents plus the conditioning dict (`build_step`), and config.data.source is not read.
+  if not is_sdxl(config):
+    config.data.source = "cache"
+  config.data.random_flip, config.data.random_crop = False, False
   return config
 
 

@@ -9,8 +9,10 @@ import tempfile
 from absl.testing import absltest
 import jax
 
+from configs import sdxl
 from configs import tiny
 from perflow_jax import benchmark
+from perflow_jax import run_config
 from perflow_jax.parallel import mesh as mesh_lib
 from perflow_jax.parallel import sharding as sh
 
@@ -109,6 +111,39 @@ class MemoryAndSampleModeTest(absltest.TestCase):
     self.assertGreater(blockwise_calls("chunked"), 0)
     result = benchmark.run_memory_benchmark(config, self.mesh)
     self.assertEqual(result["attention"], "chunked")
+
+  def test_memory_mode_sdxl_family(self):
+    # configs/tiny.py:sdxl: an SDXL-shaped toy (two text encoders, text_time conditioning) on the shared mesh.
+    config = tiny.get_config("sdxl")
+    config.data.random_flip, config.data.random_crop = False, False
+    self.assertEqual(benchmark.config_family(config), "sdxl")
+    setup = benchmark.build_step(config, self.mesh)
+    state, ema, frozen, batch, _ = setup.abstract_args
+    shapes = lambda tree: jax.tree.map(lambda a: a.shape, tree)
+    # conditioning.encode_ids's dict: both encoders' hidden states (32 + 32), bigG-style pooled output, time ids.
+    self.assertEqual(shapes(batch["context"]), {"hidden": (8, 77, 64), "text_embeds": (8, 16), "time_ids": (8, 6)})
+    self.assertEqual(shapes(frozen["empty_context"]),
+                     {"hidden": (1, 77, 64), "text_embeds": (1, 16), "time_ids": (1, 6)})
+    self.assertIn("add_embedding", ema)  # the UNet embeds text_embeds and time ids
+    result = benchmark.run_memory_benchmark(config, self.mesh)
+    self.assertEqual((result["family"], result["per_device_batch"]), ("sdxl", 1))
+    expected = sum(sh.per_device_bytes(t) for t in (state, ema, frozen, batch))
+    self.assertAlmostEqual(result["memory"]["argument_bytes"], expected, delta=64)
+    self.assertGreater(result["memory"]["temp_bytes"], 0)
+
+  def test_sdxl_config_gets_the_published_sdxl_model(self):
+    config = sdxl.get_config("v5p-256")  # no model dicts: its time_ids say SDXL
+    self.assertEqual(benchmark.config_family(config), "sdxl")
+    self.assertEqual(benchmark.config_family(_tiny_config()), "sd1")
+    full = benchmark._training_config(config, 0, "")  # pylint: disable=protected-access
+    self.assertEqual(full.model.unet.cross_attention_dim, 2048)
+    self.assertEqual(full.model.text_encoder_2.projection_dim, 1280)
+    self.assertEqual(full.model.vae.scaling_factor, 0.13025)
+    self.assertEqual(benchmark.latent_shape(full), (128, 128, 4))
+    self.assertEqual(full.data.source, config.data.source)  # SDXL trains from images; the cache is rejected
+    run_config.validate_run_config(full)
+    context = jax.tree.map(lambda a: a.shape, benchmark.context_shapes(full, 2))
+    self.assertEqual(context, {"hidden": (2, 77, 2048), "text_embeds": (2, 1280), "time_ids": (2, 6)})
 
   def test_sample_mode(self):
     result = benchmark.run_sample_benchmark(self.config, self.mesh, steps=1, perflow_steps=4, ddim_steps=8)
