@@ -123,6 +123,8 @@ def load_models(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> ModelSet:
       tokenization.write_tiny_clip_tokenizer(tokenizer_2_dir, pad_token="!")
     if jax.process_index() == 0:
       storage.copy_folder(tokenizer_dir, storage.join(workdir, "tokenizer"))
+      if os.path.isdir(tokenizer_2_dir):
+        storage.copy_folder(tokenizer_2_dir, storage.join(workdir, "tokenizer_2"))
   else:
     tokenizer_dir = storage.local_copy(tokenizer_dir)
     # SDXL's tokenizer_2: a diffusers SDXL folder's tokenizer_2/, else the first tokenizer serves both.

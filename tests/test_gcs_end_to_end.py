@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 from absl.testing import absltest
 import numpy as np
@@ -25,13 +26,11 @@ from perflow_jax import preemption
 from perflow_jax import sample
 from perflow_jax import storage
 from perflow_jax import trainer
-from perflow_jax.demo import build_teacher
-from perflow_jax.parallel import mesh as mesh_lib
-from perflow_jax.weights import export as wexport
 from perflow_jax.weights import io
 import gcs_testutil
 from trainer_testutil import losses
 from trainer_testutil import tiny_config
+from trainer_testutil import write_tiny_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -44,6 +43,7 @@ OUT = "gs://bucket/out"
 def _config(pretrained: str):
   config = tiny_config(STEPS, checkpoint_every=EVERY)
   config.model.pretrained = pretrained
+  config.perflow.solver_steps = 1  # the test is about storage: a quarter of the teacher's work per step
   return config
 
 
@@ -65,17 +65,9 @@ class GcsEndToEndTest(absltest.TestCase):
     cls.root = tempfile.mkdtemp(prefix="perflow_gcs_e2e_")
     cls.gcs = gcs_testutil.GcsEmulator.for_test_class(cls)
     cls.env = {**os.environ, **cls.gcs.env(), "PERFLOW_JAX_CACHE": os.path.join(cls.root, "child_cache")}
-    os.environ["PERFLOW_JAX_CACHE"] = os.path.join(cls.root, "cache")
+    cls.enterClassContext(mock.patch.dict(os.environ, {"PERFLOW_JAX_CACHE": os.path.join(cls.root, "cache")}))
     # The teacher: the tiny config's random initialisation as a diffusers folder, uploaded to the bucket.
-    config = tiny_config(STEPS)
-    scratch = os.path.join(cls.root, "scratch")
-    m = trainer.load_models(config, scratch, mesh_lib.make_mesh(config.mesh))
-    cls.local_teacher = os.path.join(cls.root, "teacher")
-    wexport.write_pipeline_folder(
-        cls.local_teacher, {"unet": m.unet, "vae": m.vae, "text_encoder": m.text_encoder},
-        {"unet": m.unet_params, "vae": m.vae_params, "text_encoder": m.text_params},
-        tokenizer_dirs={"tokenizer": os.path.join(scratch, "tokenizer")},
-        scheduler_config=build_teacher.SCHEDULER_CONFIG)
+    cls.local_teacher = write_tiny_teacher(cls.root)
     storage.copy_folder(cls.local_teacher, TEACHER)
     # The reference: the same run, uninterrupted, on local disk.
     cls.local_run = os.path.join(cls.root, "local_run")
@@ -85,7 +77,7 @@ class GcsEndToEndTest(absltest.TestCase):
     cmd = [sys.executable, "-m", "perflow_jax.train", "--config=configs/tiny.py", f"--workdir={RUN}",
            f"--config.total_steps={STEPS}", "--config.log_every=1", f"--config.checkpoint_every={EVERY}",
            "--config.mesh.data=8", "--config.mesh.fsdp=1", f"--config.model.pretrained={TEACHER}",
-           f"--config.sample_every={STEPS}", "--config.sample.num_steps=(4,)"]
+           f"--config.sample_every={STEPS}", "--config.sample.num_steps=(4,)", "--config.perflow.solver_steps=1"]
     return subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, **popen)
 

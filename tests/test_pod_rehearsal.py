@@ -8,7 +8,8 @@ No persistent compilation cache: with jax 0.10.2 on CPU the processes' cache key
 an entry and one that compiles afresh disagree on their collectives and hang, and JAX's binary sharing between hosts
 waits forever for the same reason (see WORKSPACE.md). Instead every launch compiles with LLVM's cheap settings
 (half the start-up time of a launch here; the same in all three launches, so their losses compare), and the periodic
-sampler runs in the resumed launch only.
+sampler runs in the resumed launch only. The teacher is a diffusers folder, as on a pod (no init programs to compile
+in the 12 process starts), and the teacher takes one solver step per window: the rehearsal is about processes.
 """
 
 import json
@@ -26,6 +27,7 @@ import numpy as np
 
 from perflow_jax import metrics
 from perflow_jax import preemption
+from trainer_testutil import write_tiny_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 4
@@ -47,6 +49,9 @@ class PodRehearsalTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.root = tempfile.mkdtemp(prefix="perflow_pod_")
+    # The teacher as a pod has it, a diffusers folder: the 12 process starts read weights instead of each compiling
+    # the three init programs of the random initialisation.
+    cls.teacher = write_tiny_teacher(cls.root)
 
   def _launch(self, workdir: str, tag: str, sample: bool = False) -> list[tuple[subprocess.Popen, str]]:
     """The same command on 4 'hosts'; only the process id differs, as on a pod (there JAX finds it itself)."""
@@ -59,7 +64,8 @@ class PodRehearsalTest(absltest.TestCase):
       cmd = [sys.executable, "-m", "perflow_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
              f"--config.total_steps={TOTAL_STEPS}", "--config.log_every=1", "--config.checkpoint_every=100",
              "--config.mesh.data=2", "--config.mesh.fsdp=4", f"--config.sample_every={TOTAL_STEPS if sample else 0}",
-             "--config.sample.num_steps=(4,)"]
+             "--config.sample.num_steps=(4,)", f"--config.model.pretrained={self.teacher}",
+             "--config.perflow.solver_steps=1"]  # processes, not numerics: a quarter of the teacher's work per step
       log_path = os.path.join(self.root, f"{tag}.p{pid}.log")
       with open(log_path, "wb") as log:  # a file, not a pipe nobody reads, which could fill up and block
         proc = subprocess.Popen(cmd, cwd=REPO, env=dict(env, JAX_PROCESS_ID=str(pid)), stdout=log,

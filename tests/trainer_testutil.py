@@ -1,7 +1,13 @@
 """Shared helpers of the trainer tests: the tiny config at a given mesh and length, and the logged losses."""
 
+import os
+
 from configs import tiny
 from perflow_jax import metrics
+from perflow_jax import trainer
+from perflow_jax.demo import build_teacher
+from perflow_jax.parallel import mesh as mesh_lib
+from perflow_jax.weights import export as wexport
 
 
 def tiny_config(total_steps: int, data: int = 8, fsdp: int = 1, checkpoint_every: int | None = None):
@@ -17,3 +23,17 @@ def tiny_config(total_steps: int, data: int = 8, fsdp: int = 1, checkpoint_every
 def losses(workdir: str) -> dict[int, float]:
   """{step: loss} from the run's metrics.jsonl."""
   return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir)}
+
+
+def write_tiny_teacher(root: str) -> str:
+  """The tiny config's random initialisation written as a diffusers folder, ``root/teacher``: a teacher as a pod has
+  it (`config.model.pretrained`), which trains exactly as the random initialisation does. Returns the folder."""
+  config = tiny.get_config()
+  scratch = os.path.join(root, "scratch")
+  m = trainer.load_models(config, scratch, mesh_lib.make_mesh({"data": -1, "fsdp": 1}))
+  folder = os.path.join(root, "teacher")
+  wexport.write_pipeline_folder(
+      folder, {"unet": m.unet, "vae": m.vae, "text_encoder": m.text_encoder},
+      {"unet": m.unet_params, "vae": m.vae_params, "text_encoder": m.text_params},
+      tokenizer_dirs={"tokenizer": os.path.join(scratch, "tokenizer")}, scheduler_config=build_teacher.SCHEDULER_CONFIG)
+  return folder
