@@ -3,7 +3,6 @@
 from absl.testing import absltest
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import torch
 from diffusers.training_utils import EMAModel
