@@ -241,15 +241,25 @@ def config_to_json(config: Any) -> str:
   return json.dumps(config, indent=2, sort_keys=True)
 
 
-def write_config_json(config: Any, workdir: str, is_primary: bool | None = None) -> str | None:
-  """Writes ``workdir/config.json`` atomically from process 0; returns its path (None on other processes)."""
+def write_config_json(config: Any, workdir: str, is_primary: bool | None = None,
+                      keep_previous_as: str = "") -> str | None:
+  """Writes ``workdir/config.json`` atomically from process 0; returns its path (None on other processes).
+
+  keep_previous_as: when set and a different config.json exists, it is kept as ``config.<keep_previous_as>.json``.
+  """
   if is_primary is None:
     import jax  # pylint: disable=g-import-not-at-top
     is_primary = jax.process_index() == 0
   if not is_primary:
     return None
   path = storage.join(storage.absolute(workdir), "config.json")
-  storage.write_text(path, config_to_json(config) + "\n")
+  text = config_to_json(config) + "\n"
+  if keep_previous_as and storage.exists(path):
+    previous = storage.read_text(path)
+    if previous == text:
+      return path
+    storage.write_text(storage.join(storage.absolute(workdir), f"config.{keep_previous_as}.json"), previous)
+  storage.write_text(path, text)
   return path
 
 

@@ -6,6 +6,10 @@ r"""Converts a PyTorch Stable Diffusion checkpoint into a perflow_jax directory 
 --src is a diffusers-layout folder or a single-file checkpoint (.safetensors; .ckpt with --allow_pickle). DIR gets
 an orbax checkpoint of every component's Flax params, each component's config as JSON and the tokenizer files;
 `perflow_jax.weights.load_pretrained(DIR)` reads it back straight into the requested shardings.
+
+Exit status: 0 when written; 2 for a user error (a bad flag, a missing or unreadable --src, a pickle without
+--allow_pickle, a non-empty --out, a full disk), reported in one message without a traceback (--verbosity=1 or
+PERFLOW_JAX_TRACEBACK=1 adds it; see perflow_jax.cli); anything else is a bug, with its traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from absl import flags
 from absl import logging
 import jax.numpy as jnp
 
+from perflow_jax import cli as cli_lib
 from perflow_jax.weights import converted, pretrained
 
 _SRC = flags.DEFINE_string("src", None, "Diffusers folder or single-file checkpoint to convert.", required=True)
@@ -54,4 +59,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_lib.run(main, output_flags=("out",))

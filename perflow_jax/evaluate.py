@@ -19,6 +19,10 @@ starts from the same noise under every sampler, so the metrics compare image for
 
 Writes `eval.json`, `eval.md` (a Markdown table), `grid.png` (one row per sampler, the first prompts as columns)
 and `grid_<sampler>.png` per sampler.
+
+Exit status: 0 when written; 2 for a user error (a bad flag or sampler, a missing file, a run without a
+checkpoint, a delta that does not fit the base), reported in one message without a traceback (--verbosity=1 or
+PERFLOW_JAX_TRACEBACK=1 adds it; see perflow_jax.cli); anything else is a bug, with its traceback.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from absl import logging
 import jax
 import numpy as np
 
+from perflow_jax import cli as cli_lib
+from perflow_jax import export as export_lib
 from perflow_jax import metrics
 from perflow_jax import storage
 from perflow_jax import sample as sample_lib
@@ -255,6 +261,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   string("workdir", None, "A training run's directory (student: its EMA weights; ddim: its teacher).")
   string("pretrained", None, "A diffusers folder, single-file checkpoint or converted dir (the teacher).")
   string("delta", None, "PeRFlow delta weights merged into --pretrained for the perflow samplers.")
+  flags.DEFINE_bool("keep_mismatched", False, "Keep base weights for keys the delta does not fit.", flag_values=fv)
   string("tokenizer", None, "Tokenizer folder for single-file --pretrained checkpoints.")
   flags.DEFINE_list("samplers", ["ddim-50", "ddim-4", "perflow-4", "perflow-8"], "Samplers to compare.",
                     flag_values=fv)
@@ -294,7 +301,11 @@ def run_evaluation(models: sample_lib.Models, out: str, *, samplers: Sequence[st
 
 
 def run_flags(fv: flags.FlagValues) -> dict[str, Any]:
-  models = sample_lib.load_models(fv.workdir, fv.pretrained, fv.delta, "ema", tokenizer=fv.tokenizer)
+  if fv.workdir:  # before any model is loaded
+    export_lib.check_run_checkpoint(fv.workdir, "train it until it saves one (every config.checkpoint_every "
+                                    "steps): the perflow samplers evaluate its EMA weights.")
+  models = sample_lib.load_models(fv.workdir, fv.pretrained, fv.delta, "ema", fv.keep_mismatched,
+                                  tokenizer=fv.tokenizer)
   return run_evaluation(models, fv.out, samplers=fv.samplers, reference=fv.reference, prompts=fv.prompts,
                         prompts_file=fv.prompts_file, features=fv.features, real=fv.real,
                         guidance_scale=fv.guidance_scale, seed=fv.seed, batch_size=fv.batch_size,
@@ -319,4 +330,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags(flags.FLAGS)
-  app.run(main)
+  cli_lib.run(main, output_flags=("out",))

@@ -10,6 +10,10 @@ dict). `unet`: config.json + diffusion_pytorch_model.safetensors that `UNet2DCon
 loads; run it with `perflow_jax.torch_scheduler.PeRFlowTorchScheduler` (the same prediction type and windows).
 
 `load_run` (the teacher, the student or EMA weights of a run, and its modules) is shared with the sample CLI.
+
+Exit status: 0 when written; 2 for a user error (a bad flag, a workdir that is not a run or has no checkpoint
+yet, an --out that exists, a full disk), reported in one message without a traceback (--verbosity=1 or
+PERFLOW_JAX_TRACEBACK=1 adds it; see perflow_jax.cli); anything else is a bug, with its traceback.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from perflow_jax import checkpoint
+from perflow_jax import cli as cli_lib
 from perflow_jax import config_lib
 from perflow_jax import storage
 from perflow_jax import train_step as ts
@@ -51,12 +56,11 @@ class Run:
 
 
 def _latest_step(workdir: str) -> int:
-  directory = checkpoint.checkpoint_dir(workdir)
-  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
-  if not steps:
-    raise ValueError(f"{workdir} has no checkpoint (no step folder in {directory}); pass the workdir of a run that "
-                     "has saved one, or use --weights=teacher.")
-  return steps[-1]
+  step = checkpoint.latest_step(workdir)  # committed steps only (a save cut short is not one)
+  if step is None:
+    raise ValueError(f"{workdir} has no checkpoint (nothing committed in {checkpoint.checkpoint_dir(workdir)}); pass "
+                     "the workdir of a run that has saved one, or load weights='teacher'.")
+  return step
 
 
 def load_run(workdir: str, weights: str = "ema", step: int | None = None) -> Run:
@@ -76,12 +80,13 @@ def load_run(workdir: str, weights: str = "ema", step: int | None = None) -> Run
   if weights not in WEIGHTS:
     raise ValueError(f"weights={weights!r} is not one of {WEIGHTS}.")
   config = config_lib.load_config_json(workdir)
+  if weights != "teacher":  # before any model is loaded: a run without a checkpoint fails in a second
+    step = _latest_step(workdir) if step is None else int(step)
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": -1})
   rules, fallback = sh.rules_from_config(config), bool(config.sharding.fallback_to_largest)
-  m = trainer.load_models(config, workdir, mesh)
+  m = trainer.load_models(config, workdir, mesh, keep_tokenizer=False)  # reading a run leaves its workdir as it is
   if weights == "teacher":
     return Run(config, m, m.unet_params, weights, 0, mesh)
-  step = _latest_step(workdir) if step is None else int(step)
   param_shardings = sh.logical_to_shardings(m.unet_abstract, mesh, rules, fallback)
   abstract_params = sh.with_shardings(m.unet_abstract, param_shardings)
   if weights == "ema":
@@ -101,11 +106,27 @@ def _restore_state(workdir: str, abstract_state: Any, step: int) -> Any:
   """The 'state' item (TrainState) of checkpoint `step`."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   manager = ocp.CheckpointManager(checkpoint.checkpoint_dir(workdir),
-                                  options=ocp.CheckpointManagerOptions(read_only=True), item_names=checkpoint.ITEMS)
+                                  options=checkpoint.read_only_options(), item_names=checkpoint.ITEMS)
   try:
-    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
   finally:
     manager.close()
+  checkpoint.verify_weights(workdir, step, "state", state)
+  return state
+
+
+def check_run_checkpoint(workdir: str, hint: str) -> None:
+  """Fails in a second, before any model is loaded, when `workdir` is not a run (no config.json) or has not saved
+  a checkpoint yet. `hint` is the calling tool's advice for the latter (what each CLI can offer differs: sample can
+  fall back on the teacher, export cannot).
+
+  Raises:
+    ValueError naming the workdir and the fix.
+  """
+  config_lib.load_config_json(workdir)  # raises when there is no config.json
+  if checkpoint.latest_step(workdir) is None:
+    raise ValueError(f"--workdir={workdir} has no checkpoint yet (nothing committed in "
+                     f"{checkpoint.checkpoint_dir(workdir)}): {hint}")
 
 
 def export_run(workdir: str, out: str, fmt: str = "delta", dtype: str | None = None, weights: str = "ema") -> str:
@@ -133,6 +154,8 @@ def export_run(workdir: str, out: str, fmt: str = "delta", dtype: str | None = N
   out = storage.absolute(out)
   if fmt == "unet" and storage.isdir(out) and storage.listdir(out):
     raise ValueError(f"--out={out} exists and is not empty; give a new folder for the UNet.")
+  check_run_checkpoint(workdir, "train it until it saves one (every config.checkpoint_every steps), or pass the "
+                       "--workdir of a run that has; export writes the trained student (the teacher has no delta).")
   run = load_run(workdir, weights)
   if fmt == "unet":
     wexport.write_unet_folder(out, run.models.unet, run.params, DTYPES[dtype])
@@ -185,4 +208,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags(flags.FLAGS)
-  app.run(main)
+  cli_lib.run(main, output_flags=("out",))

@@ -4,6 +4,11 @@ Images with captions from a local folder (same-stem .txt files, or metadata.json
 file_name and text); bad files are skipped and listed in a report, never fatal:
   python -m perflow_jax.prepare_data --source=folder:/data/my_images --data_dir=/data/tfds --name=my_images \
       --min_size=256
+Skip reasons (perflow_jax.data.folder): unreadable_image, missing_caption, too_small (short side under
+--min_size, default 64), too_many_pixels (over --max_pixels, default 64 megapixels, or PIL's decompression-bomb
+limit; read from the header, never decoded), missing_file, bad_metadata, outside_folder (a file, metadata row or
+symlink resolving outside the folder: never opened), bad_encoding (a caption .txt, or a metadata.jsonl /
+metadata.csv line, that is not UTF-8: the report names the file, line and byte offset; the other lines are used).
 
 The procedural shapes dataset (no network; used by the demo and the tiny config):
   python -m perflow_jax.prepare_data --source=procedural --data_dir=/data/tfds --name=shapes \
@@ -14,6 +19,8 @@ A latent cache (VAE moments + text context) of a prepared dataset, for source='c
       --data_dir=/data/tfds --name=my_images_latents --resolution=512 --batch_size=64
 
 The report is printed and saved as prepare_report.json in the dataset's folder (<data_dir>/<name>/1.0.0/).
+A build is written into a hidden folder in --data_dir (.<name>-1.0.0.building-*) and renamed into place only when
+it succeeded: a failed build leaves nothing (the rerun works), a failed --overwrite keeps the old dataset.
 --data_dir (and folder:PATH) may be gs:// URLs: the dataset is built in a local temp folder and then uploaded, its
 report last; an existing dataset there is replaced only with --overwrite, after the new one is built.
 """
@@ -39,8 +46,12 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing dataset 
 _SHARD = flags.DEFINE_integer("examples_per_shard", 1000, "Examples per array_record shard.")
 _THREADS = flags.DEFINE_integer("num_threads", 4, "Threads decoding images.")
 # folder
-_MIN_SIZE = flags.DEFINE_integer("min_size", 0, "Skip images whose short side is below this many pixels.")
+_MIN_SIZE = flags.DEFINE_integer("min_size", 64, "Skip images whose short side is below this many pixels "
+                                 "(too_small; 0 keeps all).")
 _MAX_SIZE = flags.DEFINE_integer("max_size", 0, "Downscale images whose short side is above this (0: keep).")
+_MAX_PIXELS = flags.DEFINE_integer(
+    "max_pixels", 64_000_000, "Skip images with more pixels (width x height, read from the file header, so they "
+    "are never decoded) than this (too_many_pixels); at most PIL's decompression-bomb limit, 89478485.")
 _CAPTION_KEY = flags.DEFINE_string("caption_key", "text", "Caption column of metadata.jsonl / metadata.csv.")
 # procedural
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 1024, "Procedural: number of examples.")
@@ -130,8 +141,8 @@ def main(argv: Sequence[str]) -> None:
     elif kind == "folder":
       report = folder.build_folder_dataset(
           arg, build_dir, _NAME.value, min_size=_MIN_SIZE.value, max_size=_MAX_SIZE.value,
-          caption_key=_CAPTION_KEY.value, split=_SPLIT.value, examples_per_shard=_SHARD.value,
-          num_threads=_THREADS.value, overwrite=_OVERWRITE.value)
+          max_pixels=_MAX_PIXELS.value, caption_key=_CAPTION_KEY.value, split=_SPLIT.value,
+          examples_per_shard=_SHARD.value, num_threads=_THREADS.value, overwrite=_OVERWRITE.value)
     else:
       report = writer.build_procedural_dataset(
           build_dir, _NAME.value, num_examples=_NUM_EXAMPLES.value, resolution=_RESOLUTION.value,
@@ -157,4 +168,5 @@ def _check_remote_target(dataset_dir: str) -> bool:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from perflow_jax import cli as cli_lib  # pylint: disable=g-import-not-at-top
+  cli_lib.run(main, output_flags=("data_dir",))

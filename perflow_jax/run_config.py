@@ -7,6 +7,8 @@ Config files (configs/*.py) start from it and change what their recipe changes.
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any
 
 import ml_collections
@@ -174,6 +176,72 @@ def validate_run_config(config: Any) -> None:
                      f"num_windows={pf.num_windows} steps (one per window).")
   if config.eval.at_end:
     check_eval_config(config.eval, pf.num_windows)
+
+
+# Fields whose change on resume would train something else than the checkpoint holds: the models and their
+# dtypes, the objective and its flow (windows, prediction type, solver, guidance, grid), the optimizer's kind and
+# moments' meaning, and the global batch/resolution. A prefix covers its sub-fields. Every other field (cadences,
+# total_steps, seeds, learning rate and schedule, mesh, data location, sampling, eval, attention, remat)
+# may change on resume; the changes are logged.
+FIELDS_FIXED_ON_RESUME = (
+    "objective", "model.unet", "model.vae", "model.text_encoder", "model.text_encoder_2", "model.dtype",
+    "model.teacher_dtype", "model.teacher_prediction_type", "model.init_seed", "model.time_ids", "perflow",
+    "diffusion", "optim.b1", "optim.b2", "optim.eps", "optim.weight_decay", "data.batch_size",
+    "data.resolution", "data.source",
+)
+
+
+class ResumeConfigError(ValueError):
+  """The config of a resumed run changes what its checkpoint trains."""
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """{'a.b': leaf} of nested dicts; tuples as lists, as they come back from JSON."""
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flat(value, f"{prefix}{key}."))
+    return out if out or not prefix else {prefix[:-1]: {}}
+  return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def _fixed(field: str) -> bool:
+  return any(field == f or field.startswith(f + ".") for f in FIELDS_FIXED_ON_RESUME)
+
+
+def resume_changes(saved: dict[str, Any], config: Any) -> tuple[list[str], list[str]]:
+  """(refused, allowed): the `field: old -> new` lines between a checkpoint's config and the config resuming it.
+
+  Args:
+    saved: the config dict saved with the checkpoint (JSON).
+    config: the new run's ConfigDict.
+  """
+  old = _flat(saved)
+  new = _flat(json.loads(config_lib.config_to_json(config)))
+  missing = object()
+  refused, allowed = [], []
+  for field in sorted(set(old) | set(new)):
+    before, after = old.get(field, missing), new.get(field, missing)
+    if before == after or (before is missing and field == "mesh.dcn_data"):
+      continue
+    line = f"{field}: {'(absent)' if before is missing else json.dumps(before)} -> " \
+           f"{'(absent)' if after is missing else json.dumps(after)}"
+    (refused if _fixed(field) else allowed).append(line)
+  return refused, allowed
+
+
+def check_resume(saved: dict[str, Any], config: Any, workdir: str, step: int, log_allowed: bool = True) -> None:
+  """Refuses to resume checkpoint `step` of `workdir` with a config that trains something else; logs the
+  harmless changes when `log_allowed` (see FIELDS_FIXED_ON_RESUME)."""
+  refused, allowed = resume_changes(saved, config)
+  if refused:
+    raise ResumeConfigError(
+        f"{workdir} holds checkpoint step {step} of a run with another config; resuming it with this one would "
+        f"train something else:\n  " + "\n  ".join(refused) + "\nTo go on with the old run, drop these overrides. "
+        "To train the new config, use a new --workdir (add --config.model.init_from=" + workdir + " to start its "
+        "student from this run's EMA weights).")
+  for line in allowed if log_allowed else ():
+    logging.warning("Resuming step %d with a changed config field: %s", step, line)
 
 
 def check_eval_config(ev: Any, num_windows: int) -> None:

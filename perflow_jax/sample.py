@@ -16,6 +16,10 @@ loop (CFG batched: uncond and cond in one UNet call) and the VAE decode are one 
 
 Writes out/NNNN.png per image, out/grid.png (labelled "sampler-N: prompt") and, with --npz, `images` uint8
 [M, H, W, 3], `latents` float32 [M, h, w, c] and `prompts`.
+
+Exit status: 0 when written; 2 for a user error (a bad flag, a missing file, a run without a checkpoint, a delta
+that does not fit the base), reported in one message without a traceback (--verbosity=1 or PERFLOW_JAX_TRACEBACK=1
+adds it; see perflow_jax.cli); anything else is a bug, with its traceback.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from perflow_jax import cli as cli_lib
 from perflow_jax import conditioning
 from perflow_jax import config_lib
 from perflow_jax import export as export_lib
@@ -123,7 +128,8 @@ def load_models(workdir: str | None = None, pretrained: str | None = None, delta
   meta = _delta_metadata(delta) if delta else {}
   if delta and weights != "teacher":
     base = wexport.export_unet_state_dict(params)
-    merged, kept = wexport.merge_delta(base, io.read_safetensors(delta), keep_mismatched)
+    merged, kept = wexport.merge_delta(base, io.read_safetensors(delta), keep_mismatched,
+                                       delta_name=f"the delta {delta}", base_name=f"the UNet of {pretrained}")
     if kept:
       logging.warning("Kept the base weights of %d UNet tensor(s) the delta does not fit: %s", len(kept),
                       ", ".join(kept[:20]))
@@ -292,11 +298,14 @@ def _num_windows_before_loading(fv: flags.FlagValues) -> int:
 def run_flags(fv: flags.FlagValues) -> dict[str, Any]:
   """Samples as the parsed flags say and writes the outputs; returns `generate`'s result."""
   prompts = read_prompts(fv.prompt, fv.prompts_file)
+  weights = fv.weights or ("teacher" if fv.sampler == "ddim" else "ema")
+  if fv.workdir and weights != "teacher":  # before any model is loaded
+    export_lib.check_run_checkpoint(fv.workdir, "train it until it saves one (every config.checkpoint_every "
+                                    "steps), or sample its teacher with --weights=teacher (--sampler=ddim does).")
   k = _num_windows_before_loading(fv) if fv.sampler == "perflow" else 0
   if fv.num_steps < k:  # refused before loading a model (make_sample_fn checks the same)
     raise ValueError(f"--num_steps={fv.num_steps} is fewer than the {k} PeRFlow windows: each window needs at "
                      f"least one step, so pass --num_steps >= {k} (or --sampler=ddim for the teacher).")
-  weights = fv.weights or ("teacher" if fv.sampler == "ddim" else "ema")
   with jax.default_matmul_precision(fv.precision):
     models = load_models(fv.workdir, fv.pretrained, fv.delta, weights, fv.keep_mismatched, fv.tokenizer,
                          fv.prediction_type, fv.num_windows, fv.config_path)
@@ -327,4 +336,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags(flags.FLAGS)
-  app.run(main)
+  cli_lib.run(main, output_flags=("out", "npz"))

@@ -9,8 +9,11 @@ Every config field can be overridden with --config.a.b=value; unknown fields and
 rejected before anything starts. Rerunning with the same --workdir resumes from its newest intact checkpoint.
 
 Exit status: 0 when the run reached config.total_steps; 75 after a preemption (SIGTERM) or a first Ctrl-C, once
-every process has saved the same step (the launchers in launch/ restart the job on 75, and it resumes); anything
-else is an error. A second Ctrl-C aborts without a final checkpoint.
+every process has saved the same step (the launchers in launch/ restart the job on 75, and it resumes); 2 for a
+user error (a bad flag, an unknown config field or a bad value, a missing config file or teacher, a checkpoint of
+another architecture, an unwritable --workdir, a full disk), reported in one message without a traceback
+(--verbosity=1 or PERFLOW_JAX_TRACEBACK=1 adds it; see perflow_jax.cli); anything else is an error with its
+traceback. A second Ctrl-C aborts without a final checkpoint.
 """
 
 import logging as std_logging
@@ -21,6 +24,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from perflow_jax import cli as cli_lib
 from perflow_jax import preemption
 from perflow_jax import trainer
 
@@ -46,4 +50,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_lib.run(main, output_flags=("workdir",),
+              disk_full_note="Checkpoints already committed are kept: rerun the same command to resume once there is "
+                             "room.")

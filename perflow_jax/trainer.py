@@ -31,6 +31,7 @@ from perflow_jax import run_config
 from perflow_jax import sampling
 from perflow_jax import storage
 from perflow_jax import train_step as ts
+from perflow_jax import workdir_lock
 from perflow_jax.data import pipeline
 from perflow_jax.data import tokenizer as tokenization
 from perflow_jax.parallel import distributed
@@ -82,8 +83,12 @@ def _component_shardings(mesh, rules, fallback):
   return lambda abstract: sh.logical_to_shardings(abstract, mesh, rules, fallback)
 
 
-def load_models(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> ModelSet:
-  """The teacher's modules and weights: from `config.model.pretrained`, or random from `config.model.*` configs."""
+def load_models(config: Any, workdir: str, mesh: jax.sharding.Mesh, keep_tokenizer: bool = True) -> ModelSet:
+  """The teacher's modules and weights: from `config.model.pretrained`, or random from `config.model.*` configs.
+
+  keep_tokenizer: a training run keeps a copy of a procedural tokenizer in `workdir` as its record; tools that
+  only read a run (sample, export) pass False.
+  """
   mc = config.model
   compute = DTYPES[mc.dtype]
   rules, fallback = sh.rules_from_config(config), bool(config.sharding.fallback_to_largest)
@@ -121,7 +126,7 @@ def load_models(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> ModelSet:
     tokenizer_2_dir = tokenizer_dir + "_2"
     if "text_encoder_2" in built:  # the same vocabulary padded with "!" (id 0), as SDXL's tokenizer_2
       tokenization.write_tiny_clip_tokenizer(tokenizer_2_dir, pad_token="!")
-    if jax.process_index() == 0:
+    if keep_tokenizer and jax.process_index() == 0:
       storage.copy_folder(tokenizer_dir, storage.join(workdir, "tokenizer"))
       if os.path.isdir(tokenizer_2_dir):
         storage.copy_folder(tokenizer_2_dir, storage.join(workdir, "tokenizer_2"))
@@ -145,17 +150,54 @@ def _cast(tree: Any, dtype: Any) -> Any:
 def train(config: Any, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the run of `config` in `workdir`; returns the last logged metrics.
 
+  Before any model is loaded: the config is validated, the workdir locked for this job (`workdir_lock`: a second
+  job is refused; the lock's write is the writability check) and, on a resume, the newest checkpoint's config
+  compared with this one (`run_config.check_resume`). config.json is written once every check has passed.
+
   Raises:
     preemption.Preempted: after SIGTERM or Ctrl-C, once the checkpoint of the step every process stopped at is
       committed; calling `train` again resumes from it.
+    workdir_lock.WorkdirLockedError, run_config.ResumeConfigError, checkpoint.CheckpointArchitectureError: the
+      workdir belongs to another live job, or holds a run this config would not continue.
   """
-  # --- runtime and mesh -----------------------------------------------------------------------------------------
   workdir = storage.absolute(workdir)  # a gs:// workdir without the gcp extra stops here, naming the pip command
   run_config.validate_run_config(config)
   distributed.maybe_initialize_distributed(config)
+  lock = workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0)
+  outcome = ""
+  try:
+    lock.acquire()
+  except (workdir_lock.WorkdirLockedError, OSError) as e:
+    outcome = f"{type(e).__name__}: {e}"
+    if jax.process_count() == 1:
+      raise
+  # Process 0 holds the lock for the job; the others learn its outcome and stop with it.
+  holder_error = distributed.all_gather_strings("workdir lock", outcome or "ok")[0]
+  if holder_error != "ok":
+    raise workdir_lock.WorkdirLockedError(f"process 0: {holder_error}")
+  try:
+    _check_newest_checkpoint_config(config, workdir)
+    return _train(config, workdir)
+  finally:
+    lock.release()
+
+
+def _check_newest_checkpoint_config(config: Any, workdir: str) -> None:
+  """Refuses a changed config in seconds, before the models load (the restore checks the step it restores too)."""
+  try:
+    step = checkpoint.latest_step(workdir)
+    saved = None if step is None else checkpoint.saved_config(workdir, step)
+  except Exception:  # pylint: disable=broad-except  (a damaged newest step: the restore deals with it)
+    return
+  if saved is not None:
+    run_config.check_resume(dict(saved), config, workdir, step, log_allowed=False)  # the restore logs them
+
+
+def _train(config: Any, workdir: str) -> dict[str, float]:
+  """`train` once the workdir is locked: the linear loop."""
+  # --- mesh -------------------------------------------------------------------------------------------------------
   mesh = mesh_lib.make_mesh(config.mesh)
   rules, fallback = sh.rules_from_config(config), bool(config.sharding.fallback_to_largest)
-  config_lib.write_config_json(config, workdir)
   logging.info("Mesh %s over %d devices, %d process(es).", dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
@@ -191,7 +233,11 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   distributed.barrier("checkpoint manager")  # its creation is the first cross-process collective
   manager = checkpoint.make_checkpoint_manager(workdir, config)
   preempted = preemption.install_handlers()  # SIGTERM and Ctrl-C: save at an agreed step, then stop
-  restored = checkpoint.restore_checkpoint(manager, abstract_state, abstract_ema, data_iterator=data_iter)
+  restored = checkpoint.restore_checkpoint(
+      manager, abstract_state, abstract_ema, data_iterator=data_iter,
+      check_config=lambda saved, step: run_config.check_resume(saved, config, workdir, step))
+  # Every start-up check has passed: record the config (a different previous one is kept beside it).
+  config_lib.write_config_json(config, workdir, keep_previous_as=f"before_step_{restored.step if restored else 0}")
   if restored is not None:
     state, ema_params = restored.state, restored.ema
     logging.info("Resumed from step %d.", restored.step)

@@ -211,7 +211,8 @@ class CheckpointTest(absltest.TestCase):
   def test_config_check_error_propagates(self):
     self._save_steps([2])
 
-    def check(saved):
+    def check(saved, step):
+      self.assertEqual(step, 2)
       if saved["model"]["channels"] != [32, 128]:
         raise ValueError(f"model.channels {saved['model']['channels']} != [32, 128]")
 

@@ -132,26 +132,36 @@ def delta_state_dict(student: Mapping[str, np.ndarray], base: Mapping[str, np.nd
 
 
 def merge_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray],
-                keep_mismatched: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
+                keep_mismatched: bool = False, *, delta_name: str = "the delta",
+                base_name: str = "the base UNet") -> tuple[dict[str, np.ndarray], list[str]]:
   """Merges delta weights into a base UNet state dict as the reference does: (W_base as dW's dtype + dW) cast back.
 
   Args:
     base: diffusers-named UNet state dict of any SD1.5-family model.
     delta: dW in the same naming (e.g. from `delta_state_dict` or a released delta_weights.safetensors).
     keep_mismatched: keep the base weight for every key the delta lacks or gives another shape (multiview UNets);
-      delta keys the base lacks are then ignored. Otherwise any mismatch is an error.
+      delta keys the base lacks are then ignored. Otherwise any mismatch is an error. A delta that fits no base
+      tensor at all is an error either way (nothing would be applied).
+    delta_name, base_name: how the error messages name the two (e.g. their paths).
 
   Returns:
     (merged state dict with the base's dtypes, the sorted list of base keys kept unmerged).
 
   Raises:
-    DeltaMismatchError: a mismatch without keep_mismatched, listing the keys.
+    DeltaMismatchError: a mismatch without keep_mismatched, or no tensor of the delta fitting the base, listing the
+      keys.
   """
   report = _key_report(base, delta, "delta")
   if any(report.values()) and not keep_mismatched:
-    raise DeltaMismatchError(f"the delta does not fit the base UNet: {_format_report(report, 'delta')}. Use a "
-                             "base of the delta's architecture, or pass keep_mismatched (CLI: --keep_mismatched) "
-                             "to keep the base weight for these keys.")
+    raise DeltaMismatchError(f"{delta_name} does not fit {base_name}: {_format_report(report, 'delta')}. Use a "
+                             "base of the delta's architecture, or pass keep_mismatched (sample and evaluate: "
+                             "--keep_mismatched) to keep the base weight for these keys.")
+  fitting = [k for k in base if k in delta and tuple(delta[k].shape) == tuple(np.shape(base[k]))]
+  if base and not fitting:
+    raise DeltaMismatchError(f"{delta_name} fits none of the {len(base)} tensors of {base_name} "
+                             f"({_format_report(report, 'delta', limit=5)}), so nothing would be applied, even with "
+                             "keep_mismatched. Use a delta trained for this base's architecture (the same UNet key "
+                             "names and shapes, diffusers naming).")
   merged, kept = {}, []
   for k, w in base.items():
     w = np.asarray(w)

@@ -193,8 +193,10 @@ def read_pickle(path: str, *, allow_pickle: bool = False) -> dict[str, Any]:
   if not allow_pickle:
     raise WeightFileError(
         f"{path} is a pickle-based PyTorch checkpoint, and loading pickles can run arbitrary code. Prefer a "
-        ".safetensors file; to read this one anyway pass allow_pickle=True (CLI: --allow_pickle). It is then loaded "
-        "with torch.load(weights_only=True), which refuses anything but tensors and plain containers.")
+        ".safetensors file. To use this one anyway, convert the model once with `python -m perflow_jax.convert "
+        "--src=MODEL --out=DIR --allow_pickle` (MODEL: this file, or the model folder holding it) and give DIR "
+        "instead; in Python, pass allow_pickle=True. It is then loaded with torch.load(weights_only=True), which "
+        "refuses anything but tensors and plain containers.")
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:

@@ -214,8 +214,9 @@ def _resolve_prediction_type(family: str, scheduler: Mapping[str, Any], given: s
     return scheduler["prediction_type"]
   if from_file and family == "sd2":
     raise ValueError(f"{path} is an SD2 single-file checkpoint, and those do not record what the UNet predicts. "
-                     "Pass prediction_type='v_prediction' (SD2.x 768-v models) or 'epsilon' (SD2.x 512-base) "
-                     "(CLI: --prediction_type).")
+                     "Pass prediction_type='v_prediction' (SD2.x 768-v models) or 'epsilon' (SD2.x 512-base): "
+                     "train takes --config.model.teacher_prediction_type; other tools read a folder converted once "
+                     "with `python -m perflow_jax.convert --src=FILE --out=DIR --prediction_type=...`.")
   return "epsilon"
 
 
@@ -321,8 +322,9 @@ def load_pretrained(path: str, dtype: Any = jnp.float32, *, prediction_type: str
       continue
     if from_file:
       raise ValueError(f"no {name} for {path}: a single-file checkpoint holds no tokenizer. Pass tokenizer_path= "
-                       f"(CLI: --tokenizer) naming a folder with vocab.json + merges.txt, or a diffusers folder with "
-                       f"{name}/.")
+                       f"naming a folder with vocab.json + merges.txt, or a diffusers folder with {name}/ (sample, "
+                       "evaluate and convert: --tokenizer; train: --config.model.tokenizer; prepare_data: convert "
+                       "the file first).")
     raise ValueError(f"{path} has no {name}/ folder; add {name}/ (vocab.json + merges.txt) to it.")
 
   fields: dict[str, Any] = {}

@@ -76,8 +76,8 @@ class FolderTest(absltest.TestCase):
     skipped = {(s["file"], s["reason"]) for s in report["skipped_files"]}
     self.assertEqual(skipped, {("corrupt.jpg", "unreadable_image"), ("no_caption.png", "missing_caption"),
                                ("tiny.png", "too_small")})
-    self.assertEqual(report["skipped_by_reason"], {"unreadable_image": 1, "missing_caption": 1, "too_small": 1,
-                                                   "missing_file": 0, "bad_metadata": 0})
+    self.assertEqual(report["skipped_by_reason"], {**{r: 0 for r in folder.SKIP_REASONS}, "unreadable_image": 1,
+                                                   "missing_caption": 1, "too_small": 1})
     # The report is also saved next to the dataset.
     with open(os.path.join(report["dataset"], writer.REPORT_FILENAME)) as f:
       self.assertEqual(json.load(f), report)
@@ -100,7 +100,7 @@ class FolderTest(absltest.TestCase):
         f.write(json.dumps({"file_name": name, "text": f"json {i}"}) + "\n")
       f.write(json.dumps({"file_name": "gone.png", "text": "missing"}) + "\n")
       f.write("{not json\n")
-    report = folder.build_folder_dataset(self.root, self.data_dir, "folder_jsonl")
+    report = folder.build_folder_dataset(self.root, self.data_dir, "folder_jsonl", min_size=0)
     self.assertEqual(report["layout"], "jsonl")
     self.assertEqual(report["written"], 4)
     self.assertEqual({(s["file"], s["reason"]) for s in report["skipped_files"]},
@@ -116,7 +116,7 @@ class FolderTest(absltest.TestCase):
       w.writerow(["file_name", "text"])
       for i, name in enumerate(names + ["gray.png"]):
         w.writerow([name, f"csv, {i}"])
-    report = folder.build_folder_dataset(self.root, self.data_dir, "folder_csv", max_size=32)
+    report = folder.build_folder_dataset(self.root, self.data_dir, "folder_csv", max_size=32, min_size=0)
     self.assertEqual(report["layout"], "csv")
     self.assertEqual(report["written"], 4)
     records = self._read("folder_csv")
@@ -136,10 +136,10 @@ class FolderTest(absltest.TestCase):
       folder.build_folder_dataset(self.root, self.data_dir, "Bad-Name")
     with open(os.path.join(self.root, "a.txt"), "w") as f:
       f.write("a")
-    folder.build_folder_dataset(self.root, self.data_dir, "twice")
+    folder.build_folder_dataset(self.root, self.data_dir, "twice", min_size=0)
     with self.assertRaisesRegex(ValueError, "--overwrite"):
-      folder.build_folder_dataset(self.root, self.data_dir, "twice")
-    report = folder.build_folder_dataset(self.root, self.data_dir, "twice", overwrite=True)
+      folder.build_folder_dataset(self.root, self.data_dir, "twice", min_size=0)
+    report = folder.build_folder_dataset(self.root, self.data_dir, "twice", overwrite=True, min_size=0)
     self.assertEqual(report["written"], 1)
 
 
