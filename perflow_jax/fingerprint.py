@@ -21,7 +21,10 @@ every start), and one pass over the bytes, at checkpoint steps only.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import json
+import os
 from typing import Any
 
 import jax
@@ -31,41 +34,63 @@ import numpy as np
 from perflow_jax.parallel import distributed
 
 # Knuth's multiplicative hash constant: spreads consecutive indices over all 32 bits.
-_INDEX_MULTIPLIER = np.uint64(0x9E3779B1)
-_MOD = np.uint64(2**32)
-_CHUNK = 1 << 22  # elements per numpy pass: bounds the temporaries (a few 32 MiB arrays)
+_INDEX_MULTIPLIER = np.uint32(0x9E3779B1)
+_MOD = 2**32
+_CHUNK = 1 << 22  # elements per numpy pass: bounds the temporaries (a few 16 MiB arrays)
 
 Fingerprint = dict[str, list[int]]  # leaf path -> [words, weighted, nonfinite]
 
 
 def _words(data: np.ndarray) -> np.ndarray:
-  """The element bit patterns as uint64, flattened."""
+  """The element bit patterns as uint32, flattened (a view for 32-bit dtypes)."""
+  data = np.ascontiguousarray(data)
   if data.dtype == np.bool_:
-    return data.astype(np.uint64).ravel()
-  unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[data.dtype.itemsize]
-  return np.ascontiguousarray(data).view(unsigned).astype(np.uint64).ravel()
+    return data.astype(np.uint32).ravel()
+  if data.dtype.itemsize == 8:  # host int64/float64 scalars: both halves folded into one word
+    bits = data.view(np.uint64).ravel()
+    return ((bits & np.uint64(0xFFFFFFFF)) ^ (bits >> np.uint64(32))).astype(np.uint32)
+  unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32}[data.dtype.itemsize]
+  return data.view(unsigned).ravel().astype(np.uint32, copy=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _arange_chunk() -> np.ndarray:
+  return np.arange(_CHUNK, dtype=np.uint32)
+
+
+def _consecutive(n: int) -> np.ndarray:
+  return _arange_chunk()[:n]
+
+
+def _flat_indices(index: tuple[slice, ...], block: tuple[int, ...], shape: tuple[int, ...],
+                  lo: int, hi: int) -> np.ndarray:
+  """uint32 global row-major flat indices (mod 2**32) of elements lo:hi of the block at `index` in `shape`."""
+  starts = [s.start or 0 for s in index] + [0] * (len(shape) - len(index))
+  strides = [int(np.prod(shape[a + 1:], dtype=np.int64)) for a in range(len(shape))]
+  if tuple(block[1:]) == tuple(shape[1:]):  # whole rows (leading-axis or no sharding): consecutive indices
+    base = starts[0] * strides[0] if shape else 0
+    return _consecutive(hi - lo) + np.uint32((base + lo) % _MOD)
+  local = np.unravel_index(np.arange(lo, hi, dtype=np.int64), block)
+  flat = np.zeros(hi - lo, np.uint64)
+  for axis, (start, stride) in enumerate(zip(starts, strides)):
+    flat += (local[axis] + start).astype(np.uint64) * np.uint64(stride)
+  return flat.astype(np.uint32)
 
 
 def _block_sums(data: np.ndarray, index: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
-  """[words, weighted, nonfinite] (uint64, the first two mod 2**32) of the block `data` at `index` of a global
-  array of `shape`."""
+  """[words, weighted, nonfinite] of the block `data` at `index` of a global array of `shape` (the first two
+  modulo 2**32)."""
   words = _words(data)
-  starts = [s.start or 0 for s in index] + [0] * (len(shape) - len(index))
-  # Flat indices in the global array: an outer sum of each axis's contribution, row-major.
-  strides = np.cumprod((shape[1:] + (1,))[::-1])[::-1] if shape else np.array([], np.int64)
-  flat = np.zeros(data.shape, np.uint64) if data.ndim else np.zeros((), np.uint64)
-  for axis, (start, stride) in enumerate(zip(starts, strides)):
-    extent = np.arange(start, start + data.shape[axis], dtype=np.uint64) * np.uint64(stride)
-    flat = flat + extent.reshape([-1 if a == axis else 1 for a in range(data.ndim)])
-  flat = flat.ravel()
-  total, weighted = np.uint64(0), np.uint64(0)
+  total, weighted = 0, 0
   for lo in range(0, words.size, _CHUNK):
-    w, i = words[lo:lo + _CHUNK], flat[lo:lo + _CHUNK]
-    weight = ((i * _INDEX_MULTIPLIER) % _MOD) | np.uint64(1)
-    total = (total + w.sum(dtype=np.uint64)) % _MOD
-    weighted = (weighted + ((w * weight) % _MOD).sum(dtype=np.uint64)) % _MOD
-  nonfinite = np.uint64(np.count_nonzero(~np.isfinite(data))) if jnp.issubdtype(data.dtype, jnp.inexact) else 0
-  return np.array([total, weighted, nonfinite], np.uint64)
+    hi = min(words.size, lo + _CHUNK)
+    w = words[lo:hi]
+    # uint32 arithmetic wraps: every product and sum below is taken modulo 2**32.
+    weight = _flat_indices(index, data.shape, shape, lo, hi) * _INDEX_MULTIPLIER | np.uint32(1)
+    total += int(w.sum(dtype=np.uint32))
+    weighted += int((w * weight).sum(dtype=np.uint32))
+  nonfinite = int(np.count_nonzero(~np.isfinite(data))) if jnp.issubdtype(data.dtype, jnp.inexact) else 0
+  return np.array([total % _MOD, weighted % _MOD, nonfinite], np.uint64)
 
 
 def _host_view(x: Any) -> Any:
@@ -104,11 +129,13 @@ def fingerprint(tree: Any) -> Fingerprint:
 
   With several processes every one of them calls it, in the same order (a key-value exchange).
   """
-  partial = np.array([_leaf_partial(x) for x in jax.tree.leaves(tree)], np.uint64).reshape(-1, 3)
+  # numpy releases the GIL in these loops: leaves are summed on several cores.
+  with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    partial = np.array(list(pool.map(_leaf_partial, jax.tree.leaves(tree))), np.uint64).reshape(-1, 3)
   if jax.process_count() > 1:
     shares = distributed.all_gather_strings("fingerprint", json.dumps(partial.tolist()))
     partial = np.sum([np.array(json.loads(s), np.uint64).reshape(-1, 3) for s in shares], axis=0, dtype=np.uint64)
-  partial[:, :2] %= _MOD
+  partial[:, :2] %= np.uint64(_MOD)
   return {path: [int(v) for v in row] for path, row in zip(leaf_paths(tree), partial)}
 
 
