@@ -6,7 +6,11 @@ r"""Trains a PeRFlow student (or, with objective='diffusion', a teacher) from a 
   python -m perflow_jax.train --config=configs/sd15.py:v5e-256 --workdir=gs://BUCKET/runs/sd15   # a topology preset
 
 Every config field can be overridden with --config.a.b=value; unknown fields and inconsistent values are
-rejected before anything starts. Rerunning with the same --workdir resumes from its newest intact checkpoint.
+rejected before anything starts. Rerunning with the same --workdir resumes from its newest intact checkpoint (one
+whose arrays match the fingerprints saved with them; damaged steps are moved to checkpoints_damaged/). A resume
+whose config would train something else (perflow_jax.run_config.FIELDS_FIXED_ON_RESUME: models, windows,
+prediction type, solver, guidance, optimizer kind, global batch, ...) is refused with the changed fields; other
+changes are logged. One job per workdir: a second one is refused while the first holds workdir/lock.json.
 
 Exit status: 0 when the run reached config.total_steps; 75 after a preemption (SIGTERM) or a first Ctrl-C, once
 every process has saved the same step (the launchers in launch/ restart the job on 75, and it resumes); 2 for a
