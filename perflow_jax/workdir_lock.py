@@ -151,10 +151,7 @@ class WorkdirLock:
 
 
 def _remove(path: str) -> None:
-  try:
-    storage.as_path(path).unlink()
-  except FileNotFoundError:
-    pass
+  storage.as_path(path).unlink(missing_ok=True)
 
 
 def _check_workdir(workdir: str) -> None:
