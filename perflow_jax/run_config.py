@@ -65,6 +65,9 @@ def perflow_config(**base_overrides: Any) -> ml_collections.ConfigDict:
   config.perflow.prompt_dropout = 0.1
   config.perflow.weighting = "none"  # 'reciprocal' | 'rcp_win'
   config.perflow.distance = "l2"  # 'pseudo_huber'
+  # The SDXL script's --zero_snr: a window starting at t = 1 starts from pure noise, as sampling does (SD's
+  # schedule keeps 0.068 of the signal at t = 1). Off in the released recipes.
+  config.perflow.zero_snr = False
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.prediction_type = "epsilon"
@@ -112,7 +115,7 @@ RUN_SCHEMA = config_lib.training_schema(
            "unet": Any, "vae": Any, "text_encoder": Any, "text_encoder_2": Any, "time_ids": (tuple, list)},
     perflow={"num_windows": int, "solver": str, "solver_steps": int, "teacher_guidance": str,
              "teacher_guidance_scale": float, "prediction_type": str, "t_grid": int, "prompt_dropout": float,
-             "weighting": str, "distance": str},
+             "weighting": str, "distance": str, "zero_snr": bool},
     diffusion={"prediction_type": str, "prompt_dropout": float},
     optim={"learning_rate": float, "warmup_steps": int, "weight_decay": float, "b1": float, "b2": float,
            "eps": float, "grad_clip": float, "ema_decay": float, "grad_accum_steps": int},
@@ -205,6 +208,13 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
 
 
+# Fields newer than some checkpoints' configs: what their absence meant, given the new value.
+_ADDED_LATER = {
+    "mesh.dcn_data": lambda new: new,  # the mesh may change on resume; no warning for the new field itself
+    "perflow.zero_snr": lambda new: False,  # runs before the option trained without it
+}
+
+
 def _fixed(field: str) -> bool:
   return any(field == f or field.startswith(f + ".") for f in FIELDS_FIXED_ON_RESUME)
 
@@ -222,7 +232,9 @@ def resume_changes(saved: dict[str, Any], config: Any) -> tuple[list[str], list[
   refused, allowed = [], []
   for field in sorted(set(old) | set(new)):
     before, after = old.get(field, missing), new.get(field, missing)
-    if before == after or (before is missing and field == "mesh.dcn_data"):
+    if before is missing and field in _ADDED_LATER:
+      before = _ADDED_LATER[field](after)
+    if before == after:
       continue
     line = f"{field}: {'(absent)' if before is missing else json.dumps(before)} -> " \
            f"{'(absent)' if after is missing else json.dumps(after)}"

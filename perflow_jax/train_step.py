@@ -165,12 +165,16 @@ def make_perflow_objective(config: Any, unet: Any, teacher_prediction_type: str)
     k_t, k_noise, k_drop = jax.random.split(key, 3)
     t = windows.sample_t(k_t, x0.shape[0], grid=int(pf.t_grid))
     t_start, t_end = windows.bounds(t)
-    z_start = flow.add_noise(x0, jax.random.normal(k_noise, x0.shape, jnp.float32), t_start, ac)
+    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+    z_start = flow.add_noise(x0, noise, t_start, ac)
+    if pf.zero_snr:
+      z_start = flow.zero_snr_start(z_start, noise, t_start)
     # SDXL: hidden states and pooled embedding of an example are dropped together; time ids never.
     dropped = conditioning.drop_prompts(k_drop, context, frozen["empty_context"], float(pf.prompt_dropout))
     teacher_fn = lambda z, ts, c: conditioning.apply_unet(unet, frozen["teacher"], z, ts, c)
     eps_fn = make_eps_fn(teacher_fn, context, dropped, frozen["empty_context"])
-    z_end = flow.window_solve(eps_fn, z_start, t_start, t_end, int(pf.solver_steps), ac, solver=pf.solver)
+    z_end = flow.window_solve(eps_fn, z_start, t_start, t_end, int(pf.solver_steps), ac, solver=pf.solver,
+                              num_windows=windows.num_windows)
     return {"z_t": flow.interpolate(z_start, z_end, t, t_start, t_end), "t": t, "t_start": t_start,
             "context": dropped,
             "target": flow.perflow_target(z_start, z_end, t_start, t_end, ac, pf.prediction_type)}

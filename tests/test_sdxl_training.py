@@ -8,6 +8,7 @@ import tempfile
 
 from absl.testing import absltest
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -103,6 +104,20 @@ class SdxlObjectiveTest(absltest.TestCase):
     # cfg_sync teacher of the SD1.5 recipe would follow the dropped prompt instead).
     np.testing.assert_allclose(kept["target"], dropped["target"], rtol=1e-5, atol=1e-5)
     self.assertGreater(np.abs(kept["target"]).max(), 1e-2)
+
+    # --zero_snr on a grid of window starts only (t_grid = K), where z_t is the window start itself: the examples
+    # at t = 1 start from the noise exactly, the others from add_noise as without the option.
+    config.perflow.t_grid = config.perflow.num_windows
+    plain = prepare(0.0, "guided")
+    config.perflow.zero_snr = True
+    snr0 = prepare(0.0, "guided")
+    config.perflow.zero_snr = False
+    noise = np.asarray(jax.random.normal(jax.random.split(jax.random.key(0), 3)[1], x0.shape, jnp.float32))
+    at_noise = snr0["t"] == 1.0
+    self.assertTrue(0 < at_noise.sum() < 4, snr0["t"])
+    np.testing.assert_array_equal(snr0["z_t"][at_noise], noise[at_noise])
+    np.testing.assert_array_equal(snr0["z_t"][~at_noise], plain["z_t"][~at_noise])
+    self.assertGreater(np.abs(plain["z_t"][at_noise] - noise[at_noise]).max(), 1e-2)  # 0.068 x0 apart
 
 
 class SdxlDataTest(absltest.TestCase):

@@ -18,6 +18,7 @@ from perflow_jax.flow.schedule import alpha_bar_index
 from perflow_jax.flow.schedule import sd_alphas_cumprod
 from perflow_jax.flow.schedule import student_timestep
 from perflow_jax.flow.schedule import teacher_timestep
+from perflow_jax.flow.schedule import zero_snr_start
 from perflow_jax.flow.scheduler import PeRFlowScheduler
 from perflow_jax.flow.solvers import ddim_timesteps
 from perflow_jax.flow.solvers import ddim_window_solve
@@ -53,4 +54,5 @@ __all__ = [
     "to_epsilon",
     "window_coefficients",
     "window_solve",
+    "zero_snr_start",
 ]

@@ -104,7 +104,8 @@ def interpolate(z_start: jax.Array, z_end: jax.Array, t: jax.Array, t_start: jax
   t = _checks.per_example(t, z_s, "t")
   ts = _checks.per_example(t_start, z_s, "t_start")
   te = _checks.per_example(t_end, z_s, "t_end")
-  return z_s + (z_e - z_s) * ((t - ts) / (te - ts))
+  # The reference's order: ((z_end - z_start) / (t_end - t_start)) * (t - t_start), rounded as it rounds.
+  return z_s + (z_e - z_s) / (te - ts) * (t - ts)
 
 
 def loss_weights(t: jax.Array | None, t_start: jax.Array | None, num_windows: int,

@@ -88,7 +88,7 @@ def endpoint_errors(eps_fn: EpsFn, z_start: jax.Array, t_start: jax.Array, t_end
   out = {}
   for solver, steps in runs:
     solve = jax.jit(lambda z, s, e, solver=solver, steps=steps: window_solve(
-        eps_fn, z, s, e, steps, alphas_cumprod, solver=solver))
+        eps_fn, z, s, e, steps, alphas_cumprod, solver=solver, num_windows=num_windows))
     out[(solver, steps)] = per_window_rms(solve(z_start, t_start, t_end), reference, window_ids, num_windows)
   return out
 

@@ -3,7 +3,8 @@
 Three solvers, one contract (`window_solve(eps_fn, z, t_start, t_end, num_steps, alphas_cumprod, solver=...)`):
 
 - 'ddim' (default; the reference PFODESolver, needed to reproduce the released weights): deterministic DDIM
-  (eta = 0) evaluated at the S timesteps round(1000 t - 1) for t on linspace(t_start, t_end, S, endpoint=False);
+  (eta = 0) evaluated at the S timesteps round(999 + (t - 1) / 0.001) for t on linspace(t_start, t_end, S,
+  endpoint=False), in the reference's float32 arithmetic (flow/grids.py; 0.1875 -> 187, not 186);
   each step goes to prev = cur - 1000 // (K S) with K = 1 / (t_start - t_end), and prev < 0 uses
   alphas_cumprod[0]. Where 1000 / (K S) is not an integer the step lands short of the next evaluation
   timestep (S = 8, K = 4: 968 -> 937, next evaluation at 936): the teacher then sees its input at a slightly
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from perflow_jax.flow import _checks
+from perflow_jax.flow import grids
 from perflow_jax.flow.schedule import alpha_bar_index
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -173,28 +175,51 @@ def _time_grid(t_start: jax.Array, t_end: jax.Array, num_points: int, num_interv
   return jnp.round(t * num_train_timesteps - 1.0).astype(jnp.int32)
 
 
-def ddim_timesteps(t_start: jax.Array, t_end: jax.Array, num_steps: int,
-                   num_train_timesteps: int = 1000) -> tuple[jax.Array, jax.Array]:
-  """The reference solver's evaluation timesteps and its fixed stride.
+def ddim_timesteps(t_start: jax.Array, t_end: jax.Array, num_steps: int, num_train_timesteps: int = 1000,
+                   num_windows: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """The reference solver's evaluation timesteps and its fixed stride, value for value.
+
+  The timesteps are the reference's float32 arithmetic (flow/grids.py), computed on the host: from the
+  concrete windows themselves, or, for traced windows, from the table of TimeWindows(num_windows)'s windows,
+  gathered by each example's window.
 
   Args:
-    t_start, t_end: [B] window bounds, t_start > t_end, t_start - t_end = 1/K.
+    t_start, t_end: [B] window bounds, t_start > t_end, t_start - t_end = 1/K. Traced bounds must be
+      TimeWindows(num_windows)'s.
     num_steps: S.
     num_train_timesteps: n.
+    num_windows: K (static); required when the bounds are traced.
 
   Returns:
     (timesteps int32 [B, S], prev int32 [B, S]); prev = timesteps - n // (K S). E.g. window [1, 0.75], S = 8:
     timesteps 999, 968, 936, 905, 874, 843, 812, 780 and prev = timesteps - 31.
   """
   s = _check_steps(num_steps)
-  t_start = jnp.asarray(t_start, jnp.float32)
-  t_end = jnp.asarray(t_end, jnp.float32)
-  timesteps = _time_grid(t_start, t_end, s, s, num_train_timesteps)
-  # K from the window length: rounding 1/length to an integer makes the stride exactly n // (K S), immune to
-  # the float error of e.g. 0.6 - 0.4 in float32.
-  num_windows = jnp.round(1.0 / (t_start - t_end)).astype(jnp.int32)
-  stride = num_train_timesteps // (num_windows * s)
-  return timesteps, timesteps - stride[:, None]
+  starts, ends = _checks.concrete(t_start), _checks.concrete(t_end)
+  if num_windows is None:
+    if starts is None or ends is None:
+      raise ValueError(
+          "solver='ddim' on traced windows needs num_windows=K: the reference's timesteps are float32 arithmetic "
+          "computed on the host, tabulated for the K windows.")
+    lengths = np.asarray(starts, np.float64).reshape(-1) - np.asarray(ends, np.float64).reshape(-1)
+    counts = np.unique(np.round(1.0 / lengths).astype(np.int64))
+    if counts.size != 1:
+      raise ValueError(f"solver='ddim' needs one window length 1/K per call, got lengths {lengths.tolist()}.")
+    k = int(counts[0])
+    timesteps = jnp.asarray(grids.teacher_timesteps(starts, ends, s, num_train_timesteps))
+  else:
+    k = int(num_windows)
+    table = grids.teacher_timestep_table(k, s, num_train_timesteps)
+    table_starts, table_ends = grids.window_bounds(k)
+    if starts is not None and ends is not None and not (
+        np.isin(np.asarray(starts, np.float32), table_starts).all()
+        and np.isin(np.asarray(ends, np.float32), table_ends).all()):
+      raise ValueError(f"solver='ddim' with num_windows={k} takes TimeWindows({k})'s windows; got t_start "
+                       f"{np.asarray(starts).tolist()}, t_end {np.asarray(ends).tolist()}.")
+    row = jnp.clip(k - jnp.round(jnp.asarray(t_start, jnp.float32) * k).astype(jnp.int32), 0, k - 1)
+    timesteps = jnp.asarray(table)[row]
+  stride = num_train_timesteps // (k * s)
+  return timesteps, timesteps - stride
 
 
 def grid_timesteps(t_start: jax.Array, t_end: jax.Array, num_steps: int,
@@ -292,7 +317,7 @@ def _ddim_loop(eps_fn: EpsFn, z: jax.Array, cur: jax.Array, prev: jax.Array, ac:
 
 
 def ddim_window_solve(eps_fn: EpsFn, z: jax.Array, t_start: jax.Array, t_end: jax.Array, num_steps: int,
-                      alphas_cumprod: np.ndarray | jax.Array) -> jax.Array:
+                      alphas_cumprod: np.ndarray | jax.Array, num_windows: int | None = None) -> jax.Array:
   """The reference teacher solve: S deterministic DDIM steps from t_start to t_end (see module doc, 'ddim').
 
   Args:
@@ -301,11 +326,12 @@ def ddim_window_solve(eps_fn: EpsFn, z: jax.Array, t_start: jax.Array, t_end: ja
     t_start, t_end: [B] (or scalar) window bounds, t_start > t_end, window length 1/K.
     num_steps: S teacher calls (static).
     alphas_cumprod: [n] schedule.
+    num_windows: K (static), required for traced windows (see ddim_timesteps).
 
   Returns:
     [B, ...] latents at the window end, float32 (or z's dtype if wider).
   """
-  return window_solve(eps_fn, z, t_start, t_end, num_steps, alphas_cumprod, solver="ddim")
+  return window_solve(eps_fn, z, t_start, t_end, num_steps, alphas_cumprod, solver="ddim", num_windows=num_windows)
 
 
 def _dpmpp_2m_loop(eps_fn: EpsFn, z: jax.Array, nodes: jax.Array, ac: jax.Array) -> jax.Array:
@@ -342,7 +368,8 @@ def _dpmpp_2m_loop(eps_fn: EpsFn, z: jax.Array, nodes: jax.Array, ac: jax.Array)
 
 
 def window_solve(eps_fn: EpsFn, z: jax.Array, t_start: jax.Array, t_end: jax.Array, num_steps: int,
-                 alphas_cumprod: np.ndarray | jax.Array, solver: str = "ddim") -> jax.Array:
+                 alphas_cumprod: np.ndarray | jax.Array, solver: str = "ddim",
+                 num_windows: int | None = None) -> jax.Array:
   """Solve the teacher's PF-ODE over per-example windows with S = num_steps teacher calls.
 
   Args:
@@ -352,6 +379,7 @@ def window_solve(eps_fn: EpsFn, z: jax.Array, t_start: jax.Array, t_end: jax.Arr
     num_steps: S teacher calls per window (static).
     alphas_cumprod: [n] schedule.
     solver: 'ddim' (reference), 'ddim_grid' or 'dpmpp_2m'; see the module docstring.
+    num_windows: K (static); 'ddim' needs it for traced windows, which must then be TimeWindows(K)'s.
 
   Returns:
     [B, ...] latents at t_end, float32 (or z's dtype if wider).
@@ -361,7 +389,7 @@ def window_solve(eps_fn: EpsFn, z: jax.Array, t_start: jax.Array, t_end: jax.Arr
   n = ac.shape[0]
   z = z.astype(jnp.result_type(z.dtype, jnp.float32))
   if solver == "ddim":
-    cur, prev = ddim_timesteps(t_start, t_end, s, n)
+    cur, prev = ddim_timesteps(t_start, t_end, s, n, num_windows)
     return _ddim_loop(eps_fn, z, cur, prev, ac)
   if solver == "ddim_grid":
     nodes = grid_timesteps(t_start, t_end, s, n)

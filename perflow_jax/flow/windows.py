@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from perflow_jax.flow import _checks
+from perflow_jax.flow import grids
 
 # 0.1 * (1 / num_train_timesteps): the reference's tolerance, so a t within float error above a boundary still
 # belongs to the window that starts at that boundary.
@@ -33,7 +34,7 @@ class TimeWindows:
 
   @property
   def starts(self) -> np.ndarray:
-    """[K] float64 window starts, noisiest first."""
+    """[K] float64 window starts, noisiest first: the reference's Python floats (its scheduler's timesteps)."""
     k = self.num_windows
     return np.arange(k, 0, -1, dtype=np.float64) / k
 
@@ -64,16 +65,19 @@ class TimeWindows:
       t: float array of any shape, values in [0, 1].
 
     Returns:
-      (t_start, t_end): float32 arrays of t's shape with t_start = k/K > t_end = (k-1)/K.
+      (t_start, t_end): float32 arrays of t's shape with t_start = k/K > t_end = (k-1)/K, the reference's
+      float32 values (gathered from a table: in-graph k / K would be k * float32(1/K) after XLA's rewrite).
     """
-    k = self.index(t).astype(jnp.float32)
-    return k / self.num_windows, (k - 1.0) / self.num_windows
+    starts, ends = grids.window_bounds(self.num_windows)  # noisiest first
+    row = self.num_windows - self.index(t)
+    return jnp.asarray(starts)[row], jnp.asarray(ends)[row]
 
   def sample_t(self, key: jax.Array, batch_size: int, grid: int = 1000) -> jax.Array:
     """Per-example training times t = 1 - floor(grid u) / grid, u ~ U[0, 1).
 
     t takes the values {1, 1 - 1/grid, ..., 1/grid}: window starts are included, t = 0 never occurs. SD1.5's
-    recipe uses grid = 1000, SDXL's grid = 200.
+    recipe uses grid = 1000, SDXL's grid = 200. The values are the reference's float32 ones
+    (grids.training_times).
 
     Returns:
       float32 [batch_size].
@@ -84,6 +88,5 @@ class TimeWindows:
       raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     u = jax.random.uniform(key, (int(batch_size),), jnp.float32)
     # min(., grid - 1) guards u rounding up to 1.0 in float32, which would give t = 0.
-    steps = jnp.minimum(jnp.floor(u * grid), grid - 1)
-    # (grid - steps) / grid is the correctly rounded float32 of the grid point; 1 - steps / grid rounds twice.
-    return (grid - steps) / grid
+    steps = jnp.minimum(jnp.floor(u * grid), grid - 1).astype(jnp.int32)
+    return jnp.asarray(grids.training_times(int(grid)))[steps]
