@@ -260,7 +260,9 @@ def define_flags(fv: flags.FlagValues) -> None:
 
   string("workdir", None, "A training run's directory (student: its EMA weights; ddim: its teacher).")
   string("pretrained", None, "A diffusers folder, single-file checkpoint or converted dir (the teacher).")
-  string("delta", None, "PeRFlow delta weights merged into --pretrained for the perflow samplers.")
+  string("delta", None, "PeRFlow delta weights merged into --pretrained for the perflow samplers: a .safetensors "
+         "file or a UNet folder (the released layout).")
+  string("delta_variant", None, "A --delta folder's weights variant, e.g. v0-1 (default: its plain or only file).")
   flags.DEFINE_bool("keep_mismatched", False, "Keep base weights for keys the delta does not fit.", flag_values=fv)
   string("tokenizer", None, "Tokenizer folder for single-file --pretrained checkpoints.")
   flags.DEFINE_list("samplers", ["ddim-50", "ddim-4", "perflow-4", "perflow-8"], "Samplers to compare.",
@@ -305,7 +307,7 @@ def run_flags(fv: flags.FlagValues) -> dict[str, Any]:
     export_lib.check_run_checkpoint(fv.workdir, "train it until it saves one (every config.checkpoint_every "
                                     "steps): the perflow samplers evaluate its EMA weights.")
   models = sample_lib.load_models(fv.workdir, fv.pretrained, fv.delta, "ema", fv.keep_mismatched,
-                                  tokenizer=fv.tokenizer)
+                                  tokenizer=fv.tokenizer, delta_variant=fv.delta_variant)
   return run_evaluation(models, fv.out, samplers=fv.samplers, reference=fv.reference, prompts=fv.prompts,
                         prompts_file=fv.prompts_file, features=fv.features, real=fv.real,
                         guidance_scale=fv.guidance_scale, seed=fv.seed, batch_size=fv.batch_size,

@@ -1,13 +1,17 @@
 r"""Exports a trained PeRFlow student for PyTorch: delta weights or a merged diffusers UNet folder.
 
   python -m perflow_jax.export --workdir=DIR --out=delta_weights.safetensors --format=delta [--dtype=float16]
+  python -m perflow_jax.export --workdir=DIR --out=delta_dir --format=delta [--variant=v0-1]
   python -m perflow_jax.export --workdir=DIR --out=unet_dir --format=unet [--dtype=float32] [--weights=student]
 
-`delta`: dW = student - teacher for every UNet tensor, diffusers key names, one .safetensors file: the format of
-the released PeRFlow delta weights (float16 by default). Merge it into any SD1.5-family base with
-`python -m perflow_jax.sample --pretrained=BASE --delta=FILE` (JAX) or `weights.export.merge_delta` (any state
-dict). `unet`: config.json + diffusion_pytorch_model.safetensors that `UNet2DConditionModel.from_pretrained`
-loads; run it with `perflow_jax.torch_scheduler.PeRFlowTorchScheduler` (the same prediction type and windows).
+`delta`: dW = student - teacher for every UNet tensor, diffusers key names, float16 by default. An --out ending in
+.safetensors is one file; any other --out is a UNet folder in the layout of the released PeRFlow deltas
+(config.json + diffusion_pytorch_model[.VARIANT].safetensors), which their loading code reads with
+`UNet2DConditionModel.from_pretrained(DIR, variant=VARIANT).state_dict()`. Merge either into any base of the
+same family with `python -m perflow_jax.sample --pretrained=BASE --delta=FILE_OR_DIR` (JAX) or
+`weights.export.merge_delta` (any state dict). `unet`: config.json + diffusion_pytorch_model[.VARIANT].safetensors
+that `UNet2DConditionModel.from_pretrained` loads; run it with `perflow_jax.torch_scheduler.PeRFlowTorchScheduler`
+(the same prediction type and windows).
 
 `load_run` (the teacher, the student or EMA weights of a run, and its modules) is shared with the sample CLI.
 
@@ -129,15 +133,18 @@ def check_run_checkpoint(workdir: str, hint: str) -> None:
                      f"{checkpoint.checkpoint_dir(workdir)}): {hint}")
 
 
-def export_run(workdir: str, out: str, fmt: str = "delta", dtype: str | None = None, weights: str = "ema") -> str:
-  """Writes a run's student as delta weights (a .safetensors file) or a merged diffusers UNet folder.
+def export_run(workdir: str, out: str, fmt: str = "delta", dtype: str | None = None, weights: str = "ema",
+               variant: str | None = None) -> str:
+  """Writes a run's student as delta weights (a .safetensors file or a UNet folder) or a merged UNet folder.
 
   Args:
     workdir: the run.
-    out: a .safetensors path (delta) or a folder (unet; must not exist or be empty).
+    out: delta: a .safetensors path, or a folder for the released layout; unet: a folder. A folder must not exist
+      or be empty.
     fmt: 'delta' | 'unet'.
     dtype: 'float16' | 'float32' (default: float16 for delta, float32 for unet).
     weights: 'ema' | 'student'.
+    variant: folders only: the weights file becomes diffusion_pytorch_model.<variant>.safetensors.
 
   Returns:
     out.
@@ -149,45 +156,59 @@ def export_run(workdir: str, out: str, fmt: str = "delta", dtype: str | None = N
   dtype = dtype or ("float16" if fmt == "delta" else "float32")
   if dtype not in DTYPES:
     raise ValueError(f"--dtype={dtype!r} is not one of {tuple(DTYPES)}.")
-  if fmt == "delta" and not out.endswith(io.SAFETENSORS_SUFFIX):
-    raise ValueError(f"--format=delta writes one safetensors file; give --out ending in .safetensors, not {out}.")
+  if out.lower().endswith((".bin", ".pt", ".pth", ".ckpt")):
+    raise ValueError(f"--out={out}: export writes safetensors, not pickles; give a path ending in .safetensors "
+                     "(delta, one file) or a folder name (the released UNet-folder layout).")
+  single_file = fmt == "delta" and out.endswith(io.SAFETENSORS_SUFFIX)
+  if fmt == "unet" and out.endswith(io.SAFETENSORS_SUFFIX):
+    raise ValueError(f"--format=unet writes a folder; give --out a folder name, not {out}.")
+  if single_file and variant:
+    raise ValueError(f"--variant={variant!r} names the weights file inside a folder; --out={out} is one file. "
+                     "Give --out a folder name for the released layout, or drop --variant.")
+  wexport.unet_weights_filename(variant)  # a bad variant fails now, not after loading the run
   out = storage.absolute(out)
-  if fmt == "unet" and storage.isdir(out) and storage.listdir(out):
-    raise ValueError(f"--out={out} exists and is not empty; give a new folder for the UNet.")
+  if not single_file and storage.isdir(out) and storage.listdir(out):
+    raise ValueError(f"--out={out} exists and is not empty; give a new folder.")
   check_run_checkpoint(workdir, "train it until it saves one (every config.checkpoint_every steps), or pass the "
                        "--workdir of a run that has; export writes the trained student (the teacher has no delta).")
   run = load_run(workdir, weights)
   if fmt == "unet":
-    wexport.write_unet_folder(out, run.models.unet, run.params, DTYPES[dtype])
+    wexport.write_unet_folder(out, run.models.unet, run.params, DTYPES[dtype], variant)
     return out
   student = wexport.export_unet_state_dict(run.params, np.float32)
   teacher = wexport.export_unet_state_dict(run.models.unet_params, np.float32)
   delta = wexport.delta_state_dict(student, teacher, DTYPES[dtype])
-  io.write_safetensors(out, delta, metadata={
-      "format": "pt", "perflow_jax": "delta_weights", "step": str(run.step), "weights": weights,
-      "prediction_type": str(run.config.perflow.prediction_type),
-      "num_windows": str(run.config.perflow.num_windows)})
+  metadata = {"format": "pt", "perflow_jax": "delta_weights", "step": str(run.step), "weights": weights,
+              "prediction_type": str(run.config.perflow.prediction_type),
+              "num_windows": str(run.config.perflow.num_windows)}
+  if single_file:
+    io.write_safetensors(out, delta, metadata=metadata)
+  else:
+    wexport.write_unet_layout(out, wexport.unet_diffusers_config(run.models.unet), delta, variant, metadata)
   return out
 
 
 def define_flags(fv: flags.FlagValues) -> None:
   """The CLI's flags, defined on `fv` (only when run as a script, or on a fresh FlagValues by `cli`)."""
   flags.DEFINE_string("workdir", None, "The training run's directory.", flag_values=fv)
-  flags.DEFINE_string("out", None, "Output: a .safetensors file (--format=delta) or a new folder (unet).",
-                      flag_values=fv)
+  flags.DEFINE_string("out", None, "Output: delta: a .safetensors file, or a new folder for the released UNet-folder "
+                      "layout; unet: a new folder.", flag_values=fv)
   flags.DEFINE_enum("format", "delta", list(FORMATS),
                     "delta: dW = student - teacher (PeRFlow delta weights); unet: merged diffusers folder.",
                     flag_values=fv)
   flags.DEFINE_enum("dtype", None, list(DTYPES), "Stored dtype (default: float16 delta, float32 unet).",
                     flag_values=fv)
   flags.DEFINE_enum("weights", "ema", ["ema", "student"], "Which student weights to export.", flag_values=fv)
+  flags.DEFINE_string("variant", None, "Folders only: write diffusion_pytorch_model.<VARIANT>.safetensors (the "
+                      "released deltas use 'v0-1'); load with from_pretrained(DIR, variant=VARIANT).",
+                      flag_values=fv)
 
 
 def run_flags(fv: flags.FlagValues) -> str:
   """Runs the export the parsed flags describe; returns the written path."""
   if not fv.workdir or not fv.out:
     raise app.UsageError("--workdir and --out are required.")
-  out = export_run(fv.workdir, fv.out, fv.format, fv.dtype, fv.weights)
+  out = export_run(fv.workdir, fv.out, fv.format, fv.dtype, fv.weights, fv.variant)
   logging.info("Exported %s (%s weights) of %s", fv.format, fv.weights, fv.workdir)
   return out
 

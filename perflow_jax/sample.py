@@ -43,7 +43,6 @@ from perflow_jax import sampling
 from perflow_jax import storage
 from perflow_jax.flow import losses
 from perflow_jax.weights import export as wexport
-from perflow_jax.weights import io
 from perflow_jax.weights import pretrained as pretrained_lib
 
 SAMPLERS = ("perflow", "ddim")
@@ -86,27 +85,23 @@ def _vae_factor(vae: Any) -> int:
   return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _delta_metadata(path: str) -> dict[str, str]:
-  header, _ = io.read_safetensors_header(path)
-  return dict(header.get("__metadata__") or {})
-
-
 def load_models(workdir: str | None = None, pretrained: str | None = None, delta: str | None = None,
                 weights: str = "ema", keep_mismatched: bool = False, tokenizer: str | None = None,
                 prediction_type: str | None = None, num_windows: int | None = None,
-                config_path: str | None = None) -> Models:
+                config_path: str | None = None, delta_variant: str | None = None) -> Models:
   """The models of a run (`workdir`, with EMA/student/teacher weights) or of a pretrained model plus a delta.
 
   Args:
     workdir: a training run's directory; or
     pretrained: a diffusers folder, single-file checkpoint or converted directory (`weights.load_pretrained`).
-    delta: PeRFlow delta weights (.safetensors, diffusers UNet names) merged into the pretrained UNet unless
-      weights='teacher'.
+    delta: PeRFlow delta weights (diffusers UNet names) merged into the pretrained UNet unless weights='teacher':
+      a .safetensors file or a UNet folder in the released layout (see weights.export.delta_weights_file).
     weights: 'ema' | 'student' | 'teacher' (pretrained: 'teacher' is the base without the delta).
     keep_mismatched: keep the base weight where the delta's keys or shapes do not match (else an error).
     tokenizer: pretrained single files: the tokenizer folder.
     config_path: pretrained single files: a diffusers folder whose configs describe the model (default: the
       published configs of the detected SD family).
+    delta_variant: a delta folder's weights variant (e.g. 'v0-1'; default: its plain or only weights file).
     prediction_type, num_windows: the PeRFlow student's (default: the run's config, the delta's metadata, or
       'diff_eps' and 4).
   """
@@ -125,10 +120,10 @@ def load_models(workdir: str | None = None, pretrained: str | None = None, delta
   bundle = pretrained_lib.load_pretrained(pretrained, jnp.float32, tokenizer_path=tokenizer,
                                           config_path=config_path)
   params = bundle.unet_params
-  meta = _delta_metadata(delta) if delta else {}
+  meta = wexport.delta_metadata(delta, delta_variant) if delta else {}
   if delta and weights != "teacher":
     base = wexport.export_unet_state_dict(params)
-    merged, kept = wexport.merge_delta(base, io.read_safetensors(delta), keep_mismatched,
+    merged, kept = wexport.merge_delta(base, wexport.read_delta(delta, delta_variant), keep_mismatched,
                                        delta_name=f"the delta {delta}", base_name=f"the UNet of {pretrained}")
     if kept:
       logging.warning("Kept the base weights of %d UNet tensor(s) the delta does not fit: %s", len(kept),
@@ -259,7 +254,9 @@ def define_flags(fv: flags.FlagValues) -> None:
 
   string("workdir", None, "A training run's directory (its EMA, student or teacher weights).")
   string("pretrained", None, "A diffusers folder, single-file checkpoint or converted dir.")
-  string("delta", None, "PeRFlow delta weights (.safetensors) to merge into --pretrained.")
+  string("delta", None, "PeRFlow delta weights to merge into --pretrained: a .safetensors file or a UNet folder "
+         "(the released layout).")
+  string("delta_variant", None, "A --delta folder's weights variant, e.g. v0-1 (default: its plain or only file).")
   flags.DEFINE_bool("keep_mismatched", False, "Keep base weights for keys the delta does not fit.", flag_values=fv)
   string("tokenizer", None, "Tokenizer folder for single-file --pretrained checkpoints.")
   string("config_path", None, "Single-file --pretrained: a diffusers folder with the model's configs.")
@@ -292,7 +289,7 @@ def _num_windows_before_loading(fv: flags.FlagValues) -> int:
     return int(fv.num_windows)
   if fv.workdir:
     return int(config_lib.load_config_json(fv.workdir).perflow.num_windows)
-  return int(_delta_metadata(fv.delta).get("num_windows", 4)) if fv.delta else 4
+  return int(wexport.delta_metadata(fv.delta, fv.delta_variant).get("num_windows", 4)) if fv.delta else 4
 
 
 def run_flags(fv: flags.FlagValues) -> dict[str, Any]:
@@ -308,7 +305,7 @@ def run_flags(fv: flags.FlagValues) -> dict[str, Any]:
                      f"least one step, so pass --num_steps >= {k} (or --sampler=ddim for the teacher).")
   with jax.default_matmul_precision(fv.precision):
     models = load_models(fv.workdir, fv.pretrained, fv.delta, weights, fv.keep_mismatched, fv.tokenizer,
-                         fv.prediction_type, fv.num_windows, fv.config_path)
+                         fv.prediction_type, fv.num_windows, fv.config_path, fv.delta_variant)
     result = generate(models, prompts, negative_prompt=fv.negative_prompt, num_steps=fv.num_steps,
                       guidance_scale=fv.guidance_scale, sampler=fv.sampler, seed=fv.seed,
                       num_images=fv.num_images, resolution=fv.resolution, batch_size=fv.batch_size)

@@ -7,6 +7,7 @@ import tempfile
 from absl.testing import absltest
 import diffusers
 import numpy as np
+import torch
 
 from perflow_jax import export
 from perflow_jax.weights import export as wexport
@@ -102,8 +103,58 @@ class ExportTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "not empty"):
       export.cli(["export", f"--workdir={self.workdir}", f"--out={folder}", "--format=unet"])
 
+  def test_delta_folder_loads_as_the_released_deltas_do_and_merges_like_the_reference(self):
+    folder = export.cli(["export", f"--workdir={self.workdir}", f"--out={self.out}/perflow_delta",
+                         "--variant=v0-1"])
+    self.assertEqual(sorted(os.listdir(folder)), ["config.json", "diffusion_pytorch_model.v0-1.safetensors"])
+    # The official README's loading line, then utils_perflow.merge_delta_weights_into_unet's rule transcribed:
+    # each base tensor cast to the delta's dtype, the delta added, the sum cast back (README: a float16 pipeline;
+    # a float32 base as well).
+    delta_weights = diffusers.UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float16,
+                                                                   variant="v0-1").state_dict()
+    for base_dtype in (torch.float16, torch.float32):
+      base = diffusers.UNet2DConditionModel(**self.student_run.config.model.unet.to_dict())
+      base.load_state_dict({k: torch.from_numpy(v) for k, v in self.teacher.items()}, strict=True)
+      unet_weights = base.to(base_dtype).state_dict()
+      self.assertEqual(unet_weights.keys(), delta_weights.keys())
+      ours, kept = wexport.merge_delta({k: v.numpy() for k, v in unet_weights.items()},
+                                       wexport.read_delta(folder, "v0-1"))
+      for key in delta_weights:
+        dtype = unet_weights[key].dtype
+        unet_weights[key] = unet_weights[key].to(dtype=delta_weights[key].dtype) + delta_weights[key]
+        unet_weights[key] = unet_weights[key].to(dtype)
+      self.assertEqual(kept, [])
+      for k, v in unet_weights.items():
+        np.testing.assert_array_equal(ours[k], v.numpy(), err_msg=f"{base_dtype} {k}")
+    # The folder holds the same float16 dW as the single file, and the same metadata.
+    single = io.read_safetensors(export.cli(["export", f"--workdir={self.workdir}",
+                                             f"--out={self.out}/delta_v01.safetensors"]))
+    from_folder = wexport.read_delta(folder)  # its only weights file, without naming the variant
+    for k in single:
+      np.testing.assert_array_equal(from_folder[k], single[k], err_msg=k)
+    self.assertEqual(wexport.delta_metadata(folder, "v0-1")["num_windows"], "4")
+
+  def test_delta_folder_errors_name_the_files(self):
+    folder = os.path.join(self.out, "two_variants")
+    os.makedirs(folder)
+    for name in ("diffusion_pytorch_model.v0-0.safetensors", "diffusion_pytorch_model.v0-1.safetensors"):
+      io.write_safetensors(os.path.join(folder, name), {"w": np.zeros(2, np.float16)})
+    with self.assertRaisesRegex(ValueError, r"holds 2 weights files .*--delta_variant=v0-0"):
+      wexport.read_delta(folder)
+    with self.assertRaisesRegex(ValueError, r"has no diffusion_pytorch_model\.fp16\.safetensors"):
+      wexport.read_delta(folder, "fp16")
+    self.assertEqual(set(wexport.read_delta(folder, "v0-0")), {"w"})
+    with self.assertRaisesRegex(ValueError, "is a file"):
+      wexport.read_delta(self.delta32, "v0-1")
+    with self.assertRaisesRegex(ValueError, "does not exist"):
+      wexport.read_delta(os.path.join(self.out, "missing"))
+    with self.assertRaisesRegex(ValueError, "one file"):
+      export.export_run(self.workdir, os.path.join(self.out, "d.safetensors"), variant="v0-1")
+    with self.assertRaisesRegex(ValueError, "letters, digits"):
+      export.export_run(self.workdir, os.path.join(self.out, "d_dir"), variant="v0/1")
+
   def test_bad_arguments_are_refused_before_loading(self):
-    with self.assertRaisesRegex(ValueError, r"ending in \.safetensors"):
+    with self.assertRaisesRegex(ValueError, r"not pickles; give a path ending in \.safetensors"):
       export.export_run(self.workdir, os.path.join(self.out, "delta.bin"))
     with self.assertRaisesRegex(ValueError, "teacher has no delta"):
       export.export_run(self.workdir, os.path.join(self.out, "d.safetensors"), weights="teacher")

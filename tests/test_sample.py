@@ -5,6 +5,7 @@ import tempfile
 
 from absl.testing import absltest
 import diffusers
+import jax
 import numpy as np
 from PIL import Image
 
@@ -100,7 +101,15 @@ class SampleCliTest(absltest.TestCase):
     from_file = sample.cli([*args, f"--pretrained={single}", f"--config_path={base}", f"--delta={delta}",
                             f"--out={self.tmp}/merged_file"])
     np.testing.assert_allclose(from_file["latents"], direct["latents"], atol=1e-4)
-    self.assertEqual(sample._delta_metadata(delta)["prediction_type"], "diff_eps")  # read as the default
+    self.assertEqual(wexport.delta_metadata(delta)["prediction_type"], "diff_eps")  # read as the default
+    # The released layout (a UNet folder with a weights variant) merges to the same UNet as the file.
+    folder = export.export_run(self.workdir, os.path.join(self.tmp, "delta_dir"), "delta", "float32", "student",
+                               variant="v0-1")
+    from_folder = sample.load_models(pretrained=base, delta=folder, delta_variant="v0-1")
+    from_single = sample.load_models(pretrained=base, delta=delta)
+    for a, b in zip(jax.tree.leaves(from_folder.params), jax.tree.leaves(from_single.params)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    self.assertEqual((from_folder.prediction_type, from_folder.num_windows), ("diff_eps", 4))
 
 if __name__ == "__main__":
   absltest.main()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -182,17 +183,92 @@ def unet_diffusers_config(unet: nn.Module) -> dict[str, Any]:
   return {"_class_name": "UNet2DConditionModel", **fields}
 
 
-def write_unet_folder(out_dir: str, unet: nn.Module, params: Mapping[str, Any], dtype: Any = np.float32) -> str:
-  """Writes a diffusers-layout UNet folder (config.json + diffusion_pytorch_model.safetensors).
+UNET_WEIGHTS_NAME = "diffusion_pytorch_model"
+_VARIANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+_UNET_WEIGHTS_FILE = re.compile(r"diffusion_pytorch_model(?:\.([A-Za-z0-9][A-Za-z0-9_-]*))?\.safetensors")
 
-  `diffusers.UNet2DConditionModel.from_pretrained(out_dir)` loads it. `out_dir` may be a URL (gs://). The weights
-  are written first and config.json last, so a folder with config.json is complete. Returns out_dir.
+
+def unet_weights_filename(variant: str | None = None) -> str:
+  """diffusers' weights file name in a UNet folder: diffusion_pytorch_model[.VARIANT].safetensors."""
+  if variant is None or variant == "":
+    return UNET_WEIGHTS_NAME + io.SAFETENSORS_SUFFIX
+  if not _VARIANT.fullmatch(variant):
+    raise ValueError(f"variant {variant!r}: use letters, digits, '-' and '_' (e.g. 'v0-1', 'fp16'); it becomes "
+                     f"part of the file name {UNET_WEIGHTS_NAME}.<variant>{io.SAFETENSORS_SUFFIX}.")
+  return f"{UNET_WEIGHTS_NAME}.{variant}{io.SAFETENSORS_SUFFIX}"
+
+
+def write_unet_layout(out_dir: str, config: Mapping[str, Any], state_dict: Mapping[str, np.ndarray],
+                      variant: str | None = None, metadata: Mapping[str, str] | None = None) -> str:
+  """Writes a diffusers UNet folder: config.json + diffusion_pytorch_model[.variant].safetensors.
+
+  `diffusers.UNet2DConditionModel.from_pretrained(out_dir, variant=variant)` loads it. The weights are written first
+  and config.json last, so a folder with config.json is complete. `out_dir` may be a URL (gs://). Returns out_dir.
   """
+  filename = unet_weights_filename(variant)
   with storage.staged_folder(out_dir, last=("config.json",)) as local:
-    io.write_safetensors(os.path.join(local, "diffusion_pytorch_model" + io.SAFETENSORS_SUFFIX),
-                         export_unet_state_dict(params, dtype), metadata={"format": "pt"})
-    storage.write_json(os.path.join(local, "config.json"), unet_diffusers_config(unet))
+    io.write_safetensors(os.path.join(local, filename), state_dict, metadata=dict(metadata or {"format": "pt"}))
+    storage.write_json(os.path.join(local, "config.json"), dict(config))
   return out_dir
+
+
+def write_unet_folder(out_dir: str, unet: nn.Module, params: Mapping[str, Any], dtype: Any = np.float32,
+                      variant: str | None = None) -> str:
+  """Writes our UNet's weights as a diffusers UNet folder (see write_unet_layout). Returns out_dir."""
+  return write_unet_layout(out_dir, unet_diffusers_config(unet), export_unet_state_dict(params, dtype), variant)
+
+
+def delta_weights_file(path: str, variant: str | None = None) -> str:
+  """The file holding PeRFlow delta weights given as a .safetensors file or a UNet folder in the released layout.
+
+  The released deltas are UNet folders (`from_pretrained(DIR, variant="v0-1")`): config.json and
+  diffusion_pytorch_model.<variant>.safetensors holding dW. Without `variant`, a folder's plain
+  diffusion_pytorch_model.safetensors is chosen, or its only variant file.
+
+  Args:
+    path: a .safetensors file or a folder (local or gs://).
+    variant: the folder's weights variant (e.g. 'v0-1'); not for a file.
+
+  Raises:
+    ValueError: no such file or folder, no weights (of that variant) in the folder, several variants and none
+      chosen, or a variant given for a single file.
+  """
+  if storage.isdir(path):
+    files = sorted(f for f in storage.listdir(path) if _UNET_WEIGHTS_FILE.fullmatch(f))
+    variants = [_UNET_WEIGHTS_FILE.fullmatch(f).group(1) for f in files]
+    listing = ", ".join(files) or "none"
+    if variant:
+      name = unet_weights_filename(variant)
+      if name not in files:
+        raise ValueError(f"the delta folder {path} has no {name} (its weights files: {listing}); pass one of its "
+                         f"variants {[v for v in variants if v]} or none for the plain file.")
+    elif None in variants:
+      name = unet_weights_filename(None)
+    elif len(files) == 1:
+      name = files[0]
+    else:
+      raise ValueError(f"the delta folder {path} holds {len(files)} weights files ({listing}): choose one with "
+                       f"its variant (sample/evaluate --delta_variant={variants[0] if variants else 'NAME'}).")
+    file = storage.join(path, name)
+  elif storage.exists(path):
+    if variant:
+      raise ValueError(f"--delta_variant={variant!r} picks a file in a delta folder; {path} is a file.")
+    file = path
+  else:
+    raise ValueError(f"the delta {path} does not exist: give delta weights as a .safetensors file or a UNet folder "
+                     f"(config.json + {UNET_WEIGHTS_NAME}[.variant]{io.SAFETENSORS_SUFFIX}).")
+  return file
+
+
+def delta_metadata(path: str, variant: str | None = None) -> dict[str, str]:
+  """The safetensors metadata of delta weights (ours record prediction_type and num_windows; released ones none)."""
+  header, _ = io.read_safetensors_header(delta_weights_file(path, variant))
+  return dict(header.get("__metadata__") or {})
+
+
+def read_delta(path: str, variant: str | None = None) -> dict[str, np.ndarray]:
+  """dW in diffusers UNet names from a .safetensors file or a released-layout folder (see delta_weights_file)."""
+  return io.read_safetensors(delta_weights_file(path, variant))
 
 
 def component_config(component: str, module: nn.Module) -> dict[str, Any]:
