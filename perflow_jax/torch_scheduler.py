@@ -7,9 +7,19 @@ Needs the torch extra (`pip install perflow_jax[torch]`); nothing else in perflo
                                                      num_time_windows=4)
   image = pipe(prompt, num_inference_steps=4, guidance_scale=4.5).images[0]
 
-The mathematics is that of `perflow_jax.flow.scheduler.PeRFlowScheduler` (reference sections 4.1 and 4.2),
-written here with numpy (schedule and coefficients in float64) and torch (the update in float32), so the two
-agree on the same noise. Timesteps are the integers 1000 t; K windows of [0, 1]; N >= K steps.
+The mathematics is that of `perflow_jax.flow.scheduler.PeRFlowScheduler` (reference sections 4.1 and 4.2): the
+schedule in float32 exactly as diffusers builds it (betas, alphas, alphas_cumprod, final_alpha_cumprod; linear,
+scaled_linear, squaredcos_cap_v2 or trained_betas), the window coefficients in float64 from it, the update in
+torch float32, so the two agree on the same noise. Timesteps are the integers 1000 t; K windows of [0, 1];
+N >= K steps. It follows diffusers' scheduler conventions (config save/load, `from_config` from any Karras
+scheduler's config, `scale_model_input`, `add_noise`, `step` with return_dict).
+
+Where it deliberately differs from the reference's PeRFlowScheduler:
+- N < K raises; the reference prints a note and silently runs K steps.
+- `add_noise` at timestep 0 reads alphas_cumprod[0]; the reference's index 0 - 1 = -1 wraps to the noisiest
+  entry.
+- `step` computes in float32 and casts the result back to the sample's dtype; the reference computes in the
+  sample's dtype (float16 pipelines step in float16 there).
 """
 
 from __future__ import annotations
@@ -22,7 +32,8 @@ import numpy as np
 try:
   import torch
   from diffusers.configuration_utils import ConfigMixin, register_to_config
-  from diffusers.schedulers.scheduling_utils import SchedulerMixin
+  from diffusers.schedulers.scheduling_ddim import betas_for_alpha_bar
+  from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
   from diffusers.utils import BaseOutput
 except ImportError as e:  # the optional extra is missing
   raise ImportError(f"perflow_jax.torch_scheduler needs PyTorch and diffusers ({e}); install them with "
@@ -40,19 +51,27 @@ class PeRFlowSchedulerOutput(BaseOutput):
   pred_original_sample: Optional[torch.Tensor] = None
 
 
-def _alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
-                    trained_betas: Any) -> np.ndarray:
-  """[n] float64 alphas_cumprod of a diffusers beta schedule."""
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def _betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
+           trained_betas: Any) -> torch.Tensor:
+  """[n] float32 betas, computed as diffusers' schedulers (and the reference's PeRFlowScheduler) compute them."""
   if trained_betas is not None:
-    betas = np.asarray(trained_betas, np.float64)
-  elif beta_schedule == "scaled_linear":
-    betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=np.float64) ** 2
-  elif beta_schedule == "linear":
-    betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
-  else:
-    raise ValueError(f"beta_schedule={beta_schedule!r} is not supported by PeRFlowTorchScheduler; use "
-                     "'scaled_linear' (Stable Diffusion), 'linear' or trained_betas.")
-  return np.cumprod(1.0 - betas)
+    betas = torch.tensor(np.asarray(trained_betas, np.float64), dtype=torch.float32)
+    if betas.ndim != 1 or betas.shape[0] != num_train_timesteps:
+      raise ValueError(f"trained_betas has shape {tuple(betas.shape)}; it must hold num_train_timesteps="
+                       f"{num_train_timesteps} values (one beta per training timestep).")
+    if not bool(torch.all((betas > 0) & (betas < 1))):
+      raise ValueError("trained_betas must lie in (0, 1): each is the noise variance added at one timestep.")
+    return betas
+  if beta_schedule == "linear":
+    return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+  if beta_schedule == "scaled_linear":  # Stable Diffusion's
+    return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
+  if beta_schedule == "squaredcos_cap_v2":  # the cosine (Glide) schedule
+    return betas_for_alpha_bar(num_train_timesteps)
+  raise ValueError(f"beta_schedule={beta_schedule!r} is not one of {BETA_SCHEDULES}; or pass trained_betas.")
 
 
 def window_coefficients(ab_start: float, ab_end: float, prediction_type: str) -> tuple[float, float]:
@@ -70,8 +89,7 @@ class PeRFlowTorchScheduler(SchedulerMixin, ConfigMixin):
   student's prediction_type ('diff_eps' | 'ddim_eps' | 'velocity') and num_time_windows (K). Keys of other
   schedulers' configs (steps_offset, skip_prk_steps, ...) are ignored by `from_config`.
   """
-  _compatibles = ["DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
-                  "LMSDiscreteScheduler", "EulerAncestralDiscreteScheduler"]
+  _compatibles = [e.name for e in KarrasDiffusionSchedulers]  # as diffusers' own schedulers and the reference
   order = 1
 
   @register_to_config
@@ -79,7 +97,6 @@ class PeRFlowTorchScheduler(SchedulerMixin, ConfigMixin):
                beta_schedule: str = "scaled_linear", trained_betas: Any = None, set_alpha_to_one: bool = False,
                prediction_type: str = "diff_eps", t_noise: float = 1.0, t_clean: float = 0.0,
                num_time_windows: int = 4):
-    del set_alpha_to_one  # kept for config compatibility with the reference; the last step lands on ab[0]
     if prediction_type not in PREDICTION_TYPES:
       raise ValueError(f"prediction_type={prediction_type!r} is not a PeRFlow prediction type; pass one of "
                        f"{PREDICTION_TYPES} (from_config(..., prediction_type='diff_eps') for SD1.5 PeRFlow; "
@@ -89,9 +106,14 @@ class PeRFlowTorchScheduler(SchedulerMixin, ConfigMixin):
                        "supported (that is what every released PeRFlow model uses).")
     if isinstance(num_time_windows, bool) or int(num_time_windows) != num_time_windows or num_time_windows < 1:
       raise ValueError(f"num_time_windows must be a positive integer, got {num_time_windows!r}.")
-    self.alphas_cumprod_np = _alphas_cumprod(int(num_train_timesteps), beta_start, beta_end, beta_schedule,
-                                             trained_betas)
-    self.alphas_cumprod = torch.from_numpy(self.alphas_cumprod_np.astype(np.float32))
+    # The schedule bit for bit as diffusers holds it (float32); the step's coefficients in float64 from it.
+    self.betas = _betas(int(num_train_timesteps), beta_start, beta_end, beta_schedule, trained_betas)
+    self.alphas = 1.0 - self.betas
+    self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+    self.alphas_cumprod_np = self.alphas_cumprod.numpy().astype(np.float64)
+    # As in the reference (and DDIMScheduler); the step never reads it: a window ending at t = 0 lands on
+    # alphas_cumprod[0], the reference's get_window_alpha, whatever set_alpha_to_one says.
+    self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
     self.init_noise_sigma = 1.0
     self.num_inference_steps: Optional[int] = None
     self.timesteps = torch.from_numpy(np.arange(int(num_train_timesteps), 0, -1).astype(np.int64))

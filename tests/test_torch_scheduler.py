@@ -2,6 +2,7 @@
 
 import importlib
 import sys
+import tempfile
 from unittest import mock
 
 from absl.testing import absltest
@@ -81,6 +82,85 @@ class SchedulerTest(absltest.TestCase):
       with self.assertRaisesRegex(ImportError, r"pip install perflow_jax\[torch\]"):
         importlib.import_module("perflow_jax.torch_scheduler")
     sys.modules["perflow_jax.torch_scheduler"] = torch_scheduler
+
+
+class DiffusersConventionsTest(absltest.TestCase):
+  """What diffusers expects of every scheduler, checked here for ours."""
+
+  def test_schedule_attributes_equal_ddim_schedulers_for_every_beta_schedule(self):
+    for schedule_name in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+      for set_alpha_to_one in (False, True):
+        kwargs = dict(beta_schedule=schedule_name, set_alpha_to_one=set_alpha_to_one, beta_start=0.00085,
+                      beta_end=0.012)
+        ours, ddim = PeRFlowTorchScheduler(**kwargs), diffusers.DDIMScheduler(**kwargs)
+        for name in ("betas", "alphas", "alphas_cumprod", "final_alpha_cumprod"):
+          torch.testing.assert_close(getattr(ours, name), getattr(ddim, name), rtol=0, atol=0,
+                                     msg=f"{schedule_name} {name}")
+    # Stable Diffusion's schedule is the one the JAX side trains on, bit for bit.
+    np.testing.assert_array_equal(PeRFlowTorchScheduler().alphas_cumprod.numpy(), flow.sd_alphas_cumprod())
+
+  def test_trained_betas(self):
+    betas = np.linspace(1e-4, 2e-2, 1000)
+    s = PeRFlowTorchScheduler(trained_betas=betas.tolist())
+    torch.testing.assert_close(s.alphas_cumprod, torch.cumprod(1 - torch.tensor(betas, dtype=torch.float32), 0),
+                               rtol=0, atol=0)
+    with self.assertRaisesRegex(ValueError, r"trained_betas has shape \(999,\).*num_train_timesteps=1000"):
+      PeRFlowTorchScheduler(trained_betas=betas[:999].tolist())
+    with self.assertRaisesRegex(ValueError, "not one of"):
+      PeRFlowTorchScheduler(beta_schedule="cosine")
+
+  def test_config_round_trip_and_from_config_across_compatibles(self):
+    s = PeRFlowTorchScheduler(prediction_type="ddim_eps", num_time_windows=3, beta_schedule="linear",
+                              beta_start=1e-4, beta_end=2e-2)
+    folder = tempfile.mkdtemp(prefix="perflow_scheduler_")
+    s.save_config(folder)
+    loaded = PeRFlowTorchScheduler.from_pretrained(folder)
+    strip = lambda c: {k: v for k, v in c.items() if k != "_use_default_values"}  # diffusers' bookkeeping
+    self.assertEqual(strip(loaded.config), strip(s.config))
+    torch.testing.assert_close(loaded.alphas_cumprod, s.alphas_cumprod, rtol=0, atol=0)
+    # Into every compatible scheduler and back: the schedule survives, our own fields come back.
+    self.assertIn("EulerDiscreteScheduler", s.compatibles.__repr__())
+    tested = []
+    for cls in s.compatibles:
+      try:
+        other = cls.from_config(s.config)
+      except ImportError:  # DPMSolverSDEScheduler needs torchsde, not installed here
+        continue
+      tested.append(cls.__name__)
+      back = PeRFlowTorchScheduler.from_config(other.config)
+      for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule"):
+        self.assertEqual(back.config[key], s.config[key], f"{cls.__name__} {key}")
+      self.assertEqual((back.config.prediction_type, back.config.num_time_windows), ("ddim_eps", 3))
+    self.assertGreaterEqual(len(tested), 13, tested)
+
+  def test_step_shapes_determinism_and_identity_input(self):
+    s = PeRFlowTorchScheduler()
+    s.set_timesteps(6)
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=gen)
+    out = torch.randn(2, 4, 8, 8, generator=gen)
+    self.assertIs(s.scale_model_input(sample, s.timesteps[0]), sample)
+    runs = []
+    for _ in range(2):
+      z = sample
+      for t in s.timesteps:
+        step = s.step(out, t, z)
+        self.assertEqual(step.prev_sample.shape, sample.shape)
+        self.assertEqual(step.prev_sample.dtype, sample.dtype)
+        z = step.prev_sample
+      runs.append(z)
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)  # no hidden state, no randomness
+    half = s.step(out.half(), s.timesteps[0], sample.half(), return_dict=False)[0]
+    self.assertEqual(half.dtype, torch.float16)
+
+  def test_add_noise_shapes(self):
+    s = PeRFlowTorchScheduler()
+    for shape in ((3, 4, 8, 8), (3, 4, 2, 8, 8)):
+      x, noise = torch.ones(shape), torch.zeros(shape)
+      noisy = s.add_noise(x, noise, torch.tensor([1000, 500, 1]))
+      self.assertEqual(noisy.shape, x.shape)
+      ab = s.alphas_cumprod[[999, 499, 0]].sqrt()
+      torch.testing.assert_close(noisy.flatten(1)[:, 0], ab, rtol=0, atol=0)
 
 
 class ExportedUNetTest(absltest.TestCase):
