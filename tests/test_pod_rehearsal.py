@@ -4,10 +4,11 @@ One process is preempted (SIGTERM) mid-run: every process saves the same step an
 status; the same 4 commands started again resume, and the losses equal an uninterrupted 4-process run. The
 periodic sampler runs on every process and its grid is written once, by process 0.
 
-No persistent compilation cache: with jax 0.10.2 on CPU the processes' cache keys differ, so a process that loads
-an entry and one that compiles afresh disagree on their collectives and hang, and JAX's binary sharing between hosts
-waits forever for the same reason (see WORKSPACE.md). Instead every launch compiles with LLVM's cheap settings
-(half the start-up time of a launch here; the same in all three launches, so their losses compare), and the periodic
+Compilation: JAX writes its persistent cache from process 0 only, and with jax 0.10.2 on CPU the processes' cache
+keys differ, so a shared cache would let process 0 load while the others compile, and a loaded and a fresh
+executable can disagree on their collectives and hang (see WORKSPACE.md). So each process runs through
+`pod_process.py`, which gives it a cache of its own that it writes too: the first launch compiles everywhere (with
+LLVM's cheap settings), the two later launches load everywhere, each process its own executables. The periodic
 sampler runs in the resumed launch only. The teacher is a diffusers folder, as on a pod (no init programs to compile
 in the 12 process starts), and the teacher takes one solver step per window: the rehearsal is about processes.
 """
@@ -58,18 +59,18 @@ class PodRehearsalTest(absltest.TestCase):
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS=XLA_FLAGS, JAX_PLATFORMS="cpu",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(NUM_PROCESSES))
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     procs = []
     for pid in range(NUM_PROCESSES):
-      cmd = [sys.executable, "-m", "perflow_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+      cmd = [sys.executable, os.path.join(REPO, "tests", "pod_process.py"), "--config=configs/tiny.py",
+             f"--workdir={workdir}",
              f"--config.total_steps={TOTAL_STEPS}", "--config.log_every=1", "--config.checkpoint_every=100",
              "--config.mesh.data=2", "--config.mesh.fsdp=4", f"--config.sample_every={TOTAL_STEPS if sample else 0}",
              "--config.sample.num_steps=(4,)", f"--config.model.pretrained={self.teacher}",
              "--config.perflow.solver_steps=1"]  # processes, not numerics: a quarter of the teacher's work per step
       log_path = os.path.join(self.root, f"{tag}.p{pid}.log")
       with open(log_path, "wb") as log:  # a file, not a pipe nobody reads, which could fill up and block
-        proc = subprocess.Popen(cmd, cwd=REPO, env=dict(env, JAX_PROCESS_ID=str(pid)), stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=dict(
+            env, JAX_PROCESS_ID=str(pid), JAX_COMPILATION_CACHE_DIR=os.path.join(self.root, f"jit_cache.p{pid}")))
       self.addCleanup(lambda p=proc: p.poll() is None and p.kill())
       procs.append((proc, log_path))
     return procs
