@@ -71,6 +71,7 @@ def get_config(arg=None):
   pf.prediction_type = "ddim_eps"
   pf.t_grid = 200  # --discrete_timesteps 200
   pf.prompt_dropout = 0.1
+  pf.zero_snr = False  # the script's --zero_snr (first window from pure noise); off in the released train.sh
 
   config.optim.learning_rate = 1e-4
   config.optim.warmup_steps = 0  # the reference's constant schedule (its warmup flag had no effect)

@@ -22,15 +22,16 @@ class TrainerOptionsTest(absltest.TestCase):
     config.model.remat = True
     config.optim.grad_accum_steps = 2
     config.sample_every = 2
+    config.sample.num_steps = (4,)  # one sampler compile: the periodic grid in bfloat16 is what is tested
     workdir = tempfile.mkdtemp()
     trainer.train(config, workdir)
     records = metrics.read_metrics(workdir)
     self.assertEqual([r["step"] for r in records], [1, 2])
     self.assertTrue(all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in records))
     grid = np.asarray(Image.open(os.path.join(workdir, "samples", "step_0000002.png")))
-    # 2 rows (PeRFlow-4, PeRFlow-8) x 2 prompts of 16 px images with label bands.
+    # 1 row (PeRFlow-4) x 2 prompts of 16 px images with label bands.
     self.assertEqual(grid.shape[2], 3)
-    self.assertGreater(grid.shape[0], 2 * 16)
+    self.assertGreater(grid.shape[0], 16)
     self.assertGreater(grid.shape[1], 2 * 16)
     self.assertNotEmpty(os.listdir(os.path.join(workdir, "tensorboard")))
 
