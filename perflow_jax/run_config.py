@@ -208,10 +208,10 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
 
 
-# Fields newer than some checkpoints' configs: what their absence meant, given the new value.
+# Fields newer than some checkpoints' configs, and the value their absence meant.
 _ADDED_LATER = {
-    "mesh.dcn_data": lambda new: new,  # the mesh may change on resume; no warning for the new field itself
-    "perflow.zero_snr": lambda new: False,  # runs before the option trained without it
+    "mesh.dcn_data": 1,  # one slice
+    "perflow.zero_snr": False,  # runs before the option trained without it
 }
 
 
@@ -232,8 +232,8 @@ def resume_changes(saved: dict[str, Any], config: Any) -> tuple[list[str], list[
   refused, allowed = [], []
   for field in sorted(set(old) | set(new)):
     before, after = old.get(field, missing), new.get(field, missing)
-    if before is missing and field in _ADDED_LATER:
-      before = _ADDED_LATER[field](after)
+    if before is missing:
+      before = _ADDED_LATER.get(field, missing)
     if before == after:
       continue
     line = f"{field}: {'(absent)' if before is missing else json.dumps(before)} -> " \

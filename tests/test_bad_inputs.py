@@ -306,6 +306,17 @@ class ResumeChangesTest(absltest.TestCase):
     self.assertEqual([line.split(":")[0] for line in refused], ["model.unet.block_out_channels", "optim.b2"])
     self.assertEqual([line.split(":")[0] for line in allowed], ["checkpoint_every", "mesh.fsdp", "total_steps"])
 
+  def test_fields_newer_than_the_checkpoint_read_as_their_old_meaning(self):
+    old = json.loads(json.dumps(tiny_config(4).to_dict()))
+    del old["mesh"]["dcn_data"], old["perflow"]["zero_snr"]
+    self.assertEqual(run_config.resume_changes(old, tiny_config(4)), ([], []))
+    new = tiny_config(4)
+    new.perflow.zero_snr = True
+    new.mesh.dcn_data = 2
+    refused, allowed = run_config.resume_changes(old, new)
+    self.assertEqual(refused, ["perflow.zero_snr: false -> true"])
+    self.assertEqual(allowed, ["mesh.dcn_data: 1 -> 2"])
+
 
 if __name__ == "__main__":
   absltest.main()
