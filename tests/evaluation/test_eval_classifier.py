@@ -45,7 +45,11 @@ class ClassifierTest(absltest.TestCase):
     second = classifier.load_classifier(os.path.join(again_dir, classifier.PARAMS_FILE))
     chex_equal = jax.tree.map(np.array_equal, jax.device_get(first.params), jax.device_get(second.params))
     self.assertTrue(all(jax.tree.leaves(chex_equal)))
-    np.testing.assert_array_equal(first.features(images, 8), second.features(images, 16))
+    # The same weights through the same program: bit for bit.
+    np.testing.assert_array_equal(first.features(images, 8), second.features(images, 8))
+    # Another batch size is another program: XLA may vectorise a convolution's sums differently (on AVX2-only
+    # CPUs 9 of 2560 values moved by 1-2 float32 ulps), so equal to rounding, not to the bit.
+    np.testing.assert_allclose(first.features(images, 8), second.features(images, 16), rtol=1e-5, atol=1e-6)
     p1, p2 = first.predict(images, 7), second.predict(images)
     self.assertEqual(set(p1), set(procedural.LABEL_FIELDS))
     for field in p1:
