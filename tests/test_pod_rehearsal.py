@@ -8,8 +8,8 @@ Compilation: JAX writes its persistent cache from process 0 only, and with jax 0
 keys differ, so a shared cache would let process 0 load while the others compile, and a loaded and a fresh
 executable can disagree on their collectives and hang (see WORKSPACE.md). So each process runs through
 `pod_process.py`, which gives it a cache of its own that it writes too: the first launch compiles everywhere (with
-LLVM's cheap settings), the two later launches load everywhere, each process its own executables. The periodic
-sampler runs in the resumed launch only. The teacher is a diffusers folder, as on a pod (no init programs to compile
+the tests' cheap compile settings), the two later launches load everywhere, each process its own executables. The
+periodic sampler runs in the resumed launch only. The teacher is a diffusers folder, as on a pod (no init programs to compile
 in the 12 process starts), and the teacher takes one solver step per window: the rehearsal is about processes.
 """
 
@@ -26,6 +26,7 @@ import time
 from absl.testing import absltest
 import numpy as np
 
+from conftest import CHEAP_COMPILE_XLA_FLAGS
 from perflow_jax import metrics
 from perflow_jax import preemption
 from trainer_testutil import write_tiny_teacher
@@ -34,8 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 4
 TOTAL_STEPS = 5
 TIMEOUT_S = 900
-XLA_FLAGS = ("--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 "
-             "--xla_llvm_disable_expensive_passes=true")
+XLA_FLAGS = "--xla_force_host_platform_device_count=2 " + CHEAP_COMPILE_XLA_FLAGS
 
 
 def _free_port() -> int:
