@@ -9,8 +9,8 @@ keys differ, so a shared cache would let process 0 load while the others compile
 executable can disagree on their collectives and hang (see WORKSPACE.md). So each process runs through
 `pod_process.py`, which gives it a cache of its own that it writes too: the first launch compiles everywhere (with
 the tests' cheap compile settings), the two later launches load everywhere, each process its own executables. The
-periodic sampler runs in the resumed launch only. The teacher is a diffusers folder, as on a pod (no init programs to compile
-in the 12 process starts), and the teacher takes one solver step per window: the rehearsal is about processes.
+periodic sampler runs in the resumed launch only. The teacher is a diffusers folder, as on a pod (no init programs to
+compile in the 12 process starts), and the teacher takes one solver step per window: the rehearsal is about processes.
 """
 
 import json
