@@ -16,9 +16,11 @@ step: the trainer's step (`train_step.make_train_step`, same shardings and donat
   against the measured peak of a jitted float32 matmul, the compiled per-device memory, and the teacher solve's
   share of the step.
   * FLOPs: XLA's cost analysis counts a while loop's body once (the teacher's `fori_loop` over solver steps and
-    the sampler's loop), so `flops_per_step` is built from the cost analysis of one compiled UNet forward at the
+    the sampler's loop), so `flops_per_step` is built from the cost analysis of one lowered UNet forward at the
     step's batch: (solver_steps * g + 3) * forward, g = 2 for the 'guided' teacher (cond + uncond) and 1 for
-    cfg_sync, 3 = the student's forward and backward (remat's extra forward is not model work).
+    cfg_sync, 3 = the student's forward and backward (remat's extra forward is not model work); the trainer logs
+    the same count (`perflow_jax.throughput`). On a chip with a known bf16 peak `mfu` = achieved FLOP/s per
+    device / that peak.
     `xla_step_flops` is the raw cost analysis of the whole step, for reference.
   * Teacher share: a second program, the step's `encode` + `objective.prepare` only (window, noising, the
     teacher's window solve, target), compiled with the same shardings and timed on the same batch;
@@ -80,6 +82,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from perflow_jax import cli as cli_lib
+from perflow_jax import throughput
 from perflow_jax.data import pipeline
 
 _MODE = flags.DEFINE_enum("mode", "step", ["step", "memory", "sample", "data"],
@@ -276,9 +279,10 @@ def build_step(config: Any, mesh: Any) -> StepSetup:
   # The "" prompt's context: the same structure with leading dim 1 (the trainer's frozen['empty_context']).
   empty = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1,) + a.shape[1:], a.dtype, sharding=rep), context)
   frozen = {"empty_context": empty}
+  teacher_shardings, teacher_constraint = sh.teacher_placement(config.sharding.teacher, param_sh, mesh)
   if config.objective == "perflow":
-    frozen["teacher"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, teacher_dtype, sharding=a.sharding),
-                                     params)
+    frozen["teacher"] = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, teacher_dtype, sharding=s),
+                                     params, teacher_shardings)
   key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
 
   student = ts.training_unet(unet, mc)
@@ -286,12 +290,14 @@ def build_step(config: Any, mesh: Any) -> StepSetup:
   # Passes batch['context'] through unchanged: an array, or SDXL's dict (the trainer's image path computes the
   # same dict with the text encoders inside the step; those and the VAE encoder are not part of this program).
   encode = ts.make_encode_fn(None, None, float(mc.vae.get("scaling_factor", 0.18215)), from_cache=True)
-  step_fn = ts.make_train_step(config, encode, objective, optimizer)
+  step_fn = ts.make_train_step(config, encode, objective, optimizer, teacher_sharding=teacher_constraint)
   shardings = lambda tree: jax.tree.map(lambda a: a.sharding, tree)
   step = jax.jit(step_fn, in_shardings=(state_sh, param_sh, shardings(frozen), shardings(batch), rep),
                  out_shardings=(state_sh, param_sh, rep), donate_argnums=(0, 1))
 
   def prepare_fn(frozen, batch, key):
+    if teacher_constraint is not None:
+      frozen = {**frozen, "teacher": jax.lax.with_sharding_constraint(frozen["teacher"], teacher_constraint)}
     k_enc, k_loss = jax.random.split(key)
     x0, context = encode(frozen, batch, k_enc)
     return objective.prepare(frozen, x0, context, k_loss)
@@ -361,27 +367,11 @@ def materialize(setup: StepSetup, seed: int = 0) -> tuple[Any, ...]:
 def unet_forward_flops(setup: StepSetup, batch_size: int) -> float:
   """XLA's FLOPs of one UNet forward (compute dtype, no loop) at `batch_size`, from abstract inputs."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  from perflow_jax import conditioning  # pylint: disable=g-import-not-at-top
 
   _, ema_a, _, batch_a, _ = setup.abstract_args
-  shape = (batch_size,) + batch_a["latent_mean"].shape[1:]
-  context = jax.tree.map(lambda a: jax.ShapeDtypeStruct((batch_size,) + a.shape[1:], a.dtype), batch_a["context"])
-  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), ema_a)
-  forward = jax.jit(lambda p, z, t, c: conditioning.apply_unet(setup.unet, p, z, t, c))
-  compiled = forward.lower(params, jax.ShapeDtypeStruct(shape, jnp.float32),
-                           jax.ShapeDtypeStruct((batch_size,), jnp.float32), context).compile()
-  return cost_flops(compiled)
-
-
-def model_flops_per_step(config: Any, forward_flops: float) -> float:
-  """(solver_steps * g + 3) UNet forwards at the step's batch (module docstring); 3 for the diffusion objective."""
-  pf = config.perflow
-  if config.objective != "perflow":
-    return 3.0 * forward_flops
-  guidance_factor = 2 if pf.teacher_guidance == "guided" else 1
-  return (int(pf.solver_steps) * guidance_factor + 3) * forward_flops
+  resize = lambda a: jax.ShapeDtypeStruct((batch_size,) + a.shape[1:], a.dtype)
+  return throughput.unet_forward_flops(setup.unet, ema_a, resize(batch_a["latent_mean"]),
+                                       jax.tree.map(resize, batch_a["context"]))
 
 
 # ------------------------------------------------------------------------------------------------------ modes
@@ -438,7 +428,7 @@ def run_step_benchmark(config: Any, mesh: Any, *, steps: int = 5, peak_matmul_si
 
   batch_size = int(config.data.batch_size)
   forward = unet_forward_flops(setup, batch_size)
-  flops = model_flops_per_step(config, forward)
+  flops = throughput.model_flops_per_step(config, forward)
   peak = peak_matmul_flops(peak_matmul_size)
   achieved = flops / step_times["median_s"]
   return {
@@ -448,6 +438,8 @@ def run_step_benchmark(config: Any, mesh: Any, *, steps: int = 5, peak_matmul_si
       "flops_per_step": flops, "unet_forward_flops": forward, "xla_step_flops": cost_flops(compiled),
       "achieved_flops_per_s": achieved, "peak_matmul_flops_per_s": peak,
       "flops_fraction_of_peak": achieved / (peak * jax.device_count()),
+      **throughput.step_scalars(flops, step_times["median_s"], jax.device_count(),
+                                throughput.peak_flops_per_device(jax.devices()[0].device_kind)),
       "teacher_prepare_median_s": prepare_times["median_s"],
       "teacher_share": prepare_times["median_s"] / step_times["median_s"],
       "memory": sh.compiled_memory(compiled), "first_loss": loss,
@@ -466,7 +458,21 @@ def run_memory_benchmark(config: Any, mesh: Any) -> dict[str, Any]:
   devices = int(mesh.devices.size)
   return {"mode": "memory", **_describe(config, mesh), "compile_s": compile_s,
           "per_device_batch": int(config.data.batch_size) // devices, "memory": memory,
-          "per_device_gib": memory.get("total_gib", float("nan"))}
+          "per_device_gib": memory.get("total_gib", float("nan")),
+          "teacher_sharding": config.sharding.teacher, "collectives": step_collectives(compiled.as_text())}
+
+
+def step_collectives(hlo_text: str) -> dict[str, Any]:
+  """Collectives of a compiled step by kind: per iteration of the teacher solve's loop (None: XLA left no such
+  loop, e.g. it unrolled it), per iteration of every other loop that has any (by op_name), outside every loop."""
+  from perflow_jax import train_step as ts  # pylint: disable=g-import-not-at-top
+  from perflow_jax.parallel import hlo_stats  # pylint: disable=g-import-not-at-top
+
+  loops = hlo_stats.loop_collectives(hlo_text)
+  solve = [loop for loop in loops if f"/{ts.TEACHER_SOLVE_SCOPE}/" in loop.op_name]
+  return {"teacher_solve_loop": solve[0].counts if solve else None,
+          "other_loops": {loop.op_name: loop.counts for loop in loops if loop.total and loop not in solve},
+          "outside_loops": hlo_stats.entry_collectives(hlo_text)}
 
 
 def run_sample_benchmark(config: Any, mesh: Any, *, steps: int = 5, perflow_steps: int = 4,
@@ -545,6 +551,12 @@ def format_table(result: dict[str, Any]) -> str:
   flat = dict(result)
   for k, v in result.get("memory", {}).items():
     flat[f"memory.{k}"] = v
+  collectives = result.get("collectives", {})
+  for k in ("teacher_solve_loop", "outside_loops"):
+    if k in collectives:
+      counts = collectives[k]
+      flat[f"collectives.{k}"] = ("no such loop" if counts is None else
+                                  ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) or "none")
   for key, value in flat.items():
     if isinstance(value, (dict, list)):
       continue

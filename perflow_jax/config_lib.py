@@ -99,8 +99,15 @@ def base_config(**overrides: Any) -> ml_collections.ConfigDict:
     mesh.dcn_data: slices (multi-slice TPU; hosts on multi-node GPU) the 'data' axis spans over the data-center
       network; 1 = one slice. See ``perflow_jax.parallel.mesh``.
     sharding.rules: (logical axis name, mesh axes) pairs; sharding.fallback_to_largest: see
-      ``perflow_jax.parallel.sharding``; sharding.max_replicated_fraction: start-up sharding check tolerance.
+      ``perflow_jax.parallel.sharding``; sharding.max_replicated_fraction: start-up sharding check tolerance;
+      sharding.teacher: the frozen teacher's placement, one of ``sharding_lib.TEACHER_SHARDINGS``: 'gather_once'
+      (default: sharded like the student, all-gathered once at the start of each step, so the solver's loop runs
+      without collectives; a whole teacher per device during the step), 'fsdp' (sharded like the student and
+      used sharded: the partitioner moves weights or activations inside the loop, S times per step),
+      'replicated' (a whole teacher per device all the time, no gathers).
     distributed.*: multi-process start-up (see ``perflow_jax.parallel.distributed``).
+    compilation_cache_dir: the persistent compilation cache; '' = JAX's own setting, else
+      ``<workdir>/compilation_cache``; 'none' = off (see ``perflow_jax.compile_cache``).
   """
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -113,6 +120,7 @@ def base_config(**overrides: Any) -> ml_collections.ConfigDict:
       "rules": sharding_lib.DEFAULT_RULES,
       "fallback_to_largest": True,
       "max_replicated_fraction": 0.1,
+      "teacher": "gather_once",
   })
   config.distributed = ml_collections.ConfigDict({
       "coordinator_address": "",
@@ -120,6 +128,7 @@ def base_config(**overrides: Any) -> ml_collections.ConfigDict:
       "process_id": -1,
       "auto_detect": True,
   })
+  config.compilation_cache_dir = ""
   for key, value in overrides.items():
     if key not in config:
       raise ValueError(f"base_config() has no field {key!r}; known: {sorted(config.keys())}. Add new fields to the "
@@ -136,8 +145,10 @@ TRAINING_SCHEMA: Mapping[str, Any] = {
     "checkpoint_every": int,
     "keep_checkpoints": int,
     "mesh": {"data": int, "fsdp": int, "dcn_data": int},
-    "sharding": {"rules": (tuple, list), "fallback_to_largest": bool, "max_replicated_fraction": float},
+    "sharding": {"rules": (tuple, list), "fallback_to_largest": bool, "max_replicated_fraction": float,
+                 "teacher": str},
     "distributed": {"coordinator_address": str, "num_processes": int, "process_id": int, "auto_detect": bool},
+    "compilation_cache_dir": str,
 }
 
 
@@ -213,6 +224,9 @@ def check_training_values(config: Any) -> None:
                          f"{mesh_lib.MESH_AXES}.")
   if "batch" not in dict(rules):
     raise ValueError("config.sharding.rules has no 'batch' rule; add ('batch', ('data', 'fsdp')).")
+  if config.sharding.teacher not in sharding_lib.TEACHER_SHARDINGS:
+    raise ValueError(f"config.sharding.teacher={config.sharding.teacher!r} is not one of "
+                     f"{sharding_lib.TEACHER_SHARDINGS}.")
   fraction = config.sharding.max_replicated_fraction
   if not 0.0 <= fraction <= 1.0:
     raise ValueError(f"config.sharding.max_replicated_fraction={fraction} must be in [0, 1].")

@@ -140,8 +140,10 @@ class MetricsWriter:
     self._jsonl.append(json.dumps(record) + "\n")
     for name, value in values.items():
       self._tb.add_scalar(name, value, global_step=step)
+    # The console line leaves out the cumulative wall-time split (time/*): it is in the logs.
     logging.info("%s", format_progress(step, self.total_steps, steps_per_s,
-                                       {k: v for k, v in values.items() if k != "steps_per_s"}))
+                                       {k: v for k, v in values.items()
+                                        if k != "steps_per_s" and not k.startswith("time/")}))
     return record
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:

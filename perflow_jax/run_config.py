@@ -212,6 +212,9 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 _ADDED_LATER = {
     "mesh.dcn_data": 1,  # one slice
     "perflow.zero_snr": False,  # runs before the option trained without it
+    "compilation_cache_dir": "",  # JAX's setting (there was no other)
+    "data.prefetch": 0,  # each batch read when the step asked for it
+    "sharding.teacher": "fsdp",  # sharded like the student
 }
 
 

@@ -6,9 +6,9 @@ A config file keeps a table of presets and applies the one named in its argument
   python -m perflow_jax.train --config=configs/sd15.py:topology=v5e-256 ...  # the same, spelt out
 
 A preset sets ``config.mesh.data``, ``.fsdp``, ``.dcn_data`` (total axis sizes; see ``perflow_jax.parallel.mesh``),
-``config.data.batch_size`` (the global batch) and ``config.optim.grad_accum_steps``; each device then computes
-``per_device_batch = global_batch / (devices * grad_accum_steps)`` examples per microbatch. Flags given after the
-preset (``--config.mesh.fsdp=...``) still override it.
+``config.data.batch_size`` (the global batch), ``config.optim.grad_accum_steps`` and ``config.sharding.teacher``;
+each device then computes ``per_device_batch = global_batch / (devices * grad_accum_steps)`` examples per
+microbatch. Flags given after the preset (``--config.mesh.fsdp=...``) still override it.
 
 ``NxNAME`` (e.g. ``2xv5e-256``) is N copies of preset NAME joined over the data-center network: N times the
 devices, ``data`` and ``dcn_data``, the same ``fsdp`` (inside a slice), the same global batch and accumulation (so
@@ -42,6 +42,7 @@ class Topology:
     data, fsdp, dcn_data: ``config.mesh`` (data * fsdp == devices; dcn_data slices divide data).
     global_batch: ``config.data.batch_size``.
     grad_accum_steps: ``config.optim.grad_accum_steps``.
+    teacher_sharding: ``config.sharding.teacher`` (``perflow_jax.parallel.sharding.TEACHER_SHARDINGS``).
     measured_gib: per-device GiB from ``benchmark --mode=memory`` (None: not measured; see the config file).
   """
   devices: int
@@ -51,6 +52,7 @@ class Topology:
   global_batch: int
   dcn_data: int = 1
   grad_accum_steps: int = 1
+  teacher_sharding: str = "gather_once"
   measured_gib: float | None = None
 
   def __post_init__(self):
@@ -110,3 +112,4 @@ def apply_topology(config: ml_collections.ConfigDict, presets: Mapping[str, Topo
   config.mesh.data, config.mesh.fsdp, config.mesh.dcn_data = t.data, t.fsdp, t.dcn_data
   config.data.batch_size = t.global_batch
   config.optim.grad_accum_steps = t.grad_accum_steps
+  config.sharding.teacher = t.teacher_sharding

@@ -147,6 +147,9 @@ class Objective(NamedTuple):
   loss: Callable[[Params, dict], jax.Array]
 
 
+TEACHER_SOLVE_SCOPE = "teacher_solve"
+
+
 def make_perflow_objective(config: Any, unet: Any, teacher_prediction_type: str) -> Objective:
   """The PeRFlow objective of reference section 3.4, closed over the recipe in `config.perflow`."""
   pf = config.perflow
@@ -173,8 +176,9 @@ def make_perflow_objective(config: Any, unet: Any, teacher_prediction_type: str)
     dropped = conditioning.drop_prompts(k_drop, context, frozen["empty_context"], float(pf.prompt_dropout))
     teacher_fn = lambda z, ts, c: conditioning.apply_unet(unet, frozen["teacher"], z, ts, c)
     eps_fn = make_eps_fn(teacher_fn, context, dropped, frozen["empty_context"])
-    z_end = flow.window_solve(eps_fn, z_start, t_start, t_end, int(pf.solver_steps), ac, solver=pf.solver,
-                              num_windows=windows.num_windows)
+    with jax.named_scope(TEACHER_SOLVE_SCOPE):  # names the solver's loop in the compiled program (hlo_stats)
+      z_end = flow.window_solve(eps_fn, z_start, t_start, t_end, int(pf.solver_steps), ac, solver=pf.solver,
+                                num_windows=windows.num_windows)
     return {"z_t": flow.interpolate(z_start, z_end, t, t_start, t_end), "t": t, "t_start": t_start,
             "context": dropped,
             "target": flow.perflow_target(z_start, z_end, t_start, t_end, ac, pf.prediction_type)}
@@ -233,16 +237,21 @@ def split_microbatches(batch: Batch, num_micro: int) -> Batch:
 
 
 def make_train_step(config: Any, encode_fn: EncodeFn, objective: Objective,
-                    optimizer: optax.GradientTransformation) -> Callable:
+                    optimizer: optax.GradientTransformation, teacher_sharding: Any = None) -> Callable:
   """step(state, ema, frozen, batch, base_key) -> (state, ema, metrics); gradients accumulate over microbatches.
 
   The per-step key is fold_in(base_key, step), so a resumed run draws exactly what an uninterrupted one would.
+  teacher_sharding: None keeps frozen['teacher'] as it comes in; a sharding (replicated, for
+  config.sharding.teacher='gather_once') constrains it once at the start of the step, so an FSDP-sharded teacher
+  is all-gathered once per step instead of inside the solver's loop.
   """
   num_micro = int(config.optim.grad_accum_steps)
   max_decay = float(config.optim.ema_decay)
 
   def step_fn(state: TrainState, ema_params: Params, frozen: Mapping[str, Any], batch: Batch,
               base_key: jax.Array):
+    if teacher_sharding is not None and "teacher" in frozen:
+      frozen = {**frozen, "teacher": jax.lax.with_sharding_constraint(frozen["teacher"], teacher_sharding)}
     key = jax.random.fold_in(base_key, state.step)
     micro_keys = jax.random.split(key, num_micro)
 

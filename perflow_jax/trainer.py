@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from perflow_jax import checkpoint
+from perflow_jax import compile_cache
 from perflow_jax import conditioning
 from perflow_jax import config_lib
 from perflow_jax import metrics as metrics_lib
@@ -30,6 +31,7 @@ from perflow_jax import preemption
 from perflow_jax import run_config
 from perflow_jax import sampling
 from perflow_jax import storage
+from perflow_jax import throughput
 from perflow_jax import train_step as ts
 from perflow_jax import workdir_lock
 from perflow_jax.data import pipeline
@@ -143,6 +145,17 @@ def load_models(config: Any, workdir: str, mesh: jax.sharding.Mesh, keep_tokeniz
                   built.get("text_encoder_2"), params.get("text_encoder_2"), tokenizer_2)
 
 
+def model_flops_per_step(config: Any, m: ModelSet, empty_context: Any) -> float:
+  """The model FLOPs of one step at the global batch (`throughput.model_flops_per_step`; 0 where the backend has
+  no cost analysis)."""
+  batch = int(config.data.batch_size)
+  side = int(config.data.resolution) // 2 ** (len(m.vae.config.block_out_channels) - 1)
+  latents = jax.ShapeDtypeStruct((batch, side, side, m.unet.config.in_channels), jnp.float32)
+  context = jax.tree.map(lambda c: jax.ShapeDtypeStruct((batch,) + c.shape[1:], c.dtype), empty_context)
+  forward = throughput.unet_forward_flops(m.unet, m.unet_params, latents, context)
+  return throughput.model_flops_per_step(config, forward)
+
+
 def _cast(tree: Any, dtype: Any) -> Any:
   return jax.tree.map(lambda x: x.astype(dtype), tree)
 
@@ -163,6 +176,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   workdir = storage.absolute(workdir)  # a gs:// workdir without the gcp extra stops here, naming the pip command
   run_config.validate_run_config(config)
   distributed.maybe_initialize_distributed(config)
+  compile_cache.enable(config.compilation_cache_dir, workdir)  # before the first compilation
   lock = workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0)
   outcome = ""
   try:
@@ -210,8 +224,9 @@ def _train(config: Any, workdir: str) -> dict[str, float]:
   # The "" prompt's context: the dropped prompts' and the guided teacher's negative (SDXL: hidden + pooled).
   empty_context = m.encode_prompts([""], time_ids)
   frozen = {"empty_context": empty_context}
+  teacher_shardings, teacher_constraint = sh.teacher_placement(config.sharding.teacher, param_shardings, mesh)
   if config.objective == "perflow":  # the diffusion objective has no teacher
-    frozen["teacher"] = _cast(m.unet_params, DTYPES[config.model.teacher_dtype])
+    frozen["teacher"] = jax.device_put(_cast(m.unet_params, DTYPES[config.model.teacher_dtype]), teacher_shardings)
   from_cache = config.data.source == "cache"
   if not from_cache:
     frozen.update(vae=m.vae_params, text=m.text_params)
@@ -254,7 +269,7 @@ def _train(config: Any, workdir: str) -> dict[str, float]:
   objective = ts.OBJECTIVES[config.objective](config, student_unet, m.teacher_prediction_type)
   encode_fn = ts.make_encode_fn(m.vae, m.text_encoder, m.scaling_factor, from_cache,
                                 text_encoder_2=m.text_encoder_2, time_ids=time_ids)
-  step_fn = ts.make_train_step(config, encode_fn, objective, optimizer)
+  step_fn = ts.make_train_step(config, encode_fn, objective, optimizer, teacher_sharding=teacher_constraint)
   batch = next(data_iter)
   batch_sh = jax.tree.map(lambda x: x.sharding, batch)
   frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
@@ -263,9 +278,19 @@ def _train(config: Any, workdir: str) -> dict[str, float]:
                                           sh.replicated(mesh)),
                    out_shardings=(state_shardings, param_shardings, sh.replicated(mesh)), donate_argnums=(0, 1))
   t0 = time.perf_counter()
-  compiled = jitted.lower(state, ema_params, frozen, batch, base_key).compile()
+  lowered = jitted.lower(state, ema_params, frozen, batch, base_key)
+  t1, hits = time.perf_counter(), compile_cache.cache_hits()
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  logging.info("Step compiled in %.1f s; per-device memory %s", compile_s, sh.compiled_memory(compiled))
+  logging.info("Step traced in %.1f s and compiled in %.1f s (%s); per-device memory %s", t1 - t0,
+               compile_s - (t1 - t0), "loaded from the persistent compilation cache"
+               if compile_cache.cache_hits() > hits else "not in the persistent compilation cache",
+               sh.compiled_memory(compiled))
+  flops_per_step = model_flops_per_step(config, m, empty_context)
+  peak = throughput.peak_flops_per_device(jax.devices()[0].device_kind)
+  logging.info("Model FLOPs per step: %.4g (%s)", flops_per_step,
+               f"MFU against {peak / 1e12:.0f} TFLOP/s per {jax.devices()[0].device_kind}" if peak else
+               f"no bf16 peak known for {jax.devices()[0].device_kind!r}: TFLOP/s only")
   distributed.barrier("step compiled")  # processes whose compile times differ start stepping together
 
   # --- loop -------------------------------------------------------------------------------------------------------
@@ -275,13 +300,15 @@ def _train(config: Any, workdir: str) -> dict[str, float]:
   sampler = PeriodicSampler(config, m, mesh, empty_context, time_ids) if int(config.sample_every) > 0 else None
   ckpt_dir = str(checkpoint.checkpoint_dir(workdir))
   last: dict[str, float] = {"compile_s": compile_s}
-  t_last, steps_since = time.perf_counter(), 0
+  timer = throughput.LoopTimer(compile_s)
+  steps_since = 0
   finished = first >= total
   stopped_at = None
   try:
     for step in range(first + 1, total + 1):
       if step > first + 1:
-        batch = next(data_iter)
+        with timer.timing("data_wait"):
+          batch = next(data_iter)
       with jax.transfer_guard("disallow"):
         state, ema_params, step_metrics = compiled(state, ema_params, frozen, batch, base_key)
       steps_since += 1
@@ -291,20 +318,26 @@ def _train(config: Any, workdir: str) -> dict[str, float]:
         values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         # Never save a non-finite state over the last good checkpoint.
         metrics_lib.check_finite(step, values["loss"], manager.latest_step(), ckpt_dir)
-        dt = time.perf_counter() - t_last
-        values["examples_per_s"] = steps_since * int(config.data.batch_size) / dt
+        lap = timer.lap()
+        values["examples_per_s"] = steps_since * int(config.data.batch_size) / sum(lap.values())
+        values.update(throughput.step_scalars(flops_per_step, lap["step"] / steps_since, jax.device_count(), peak))
+        values.update(timer.total_scalars())
         if step % int(config.log_every) == 0 or step == total:
           writer.write_scalars(step, values)
         last.update(values)
-        t_last, steps_since = time.perf_counter(), 0
+        steps_since = 0
       if sampler is not None and step % int(config.sample_every) == 0:
-        sampler.write(writer, workdir, step, ema_params)
-      checkpoint.save_checkpoint(manager, step, state, ema_params, config, data_iter, force=stop or step == total)
+        with timer.timing("sample", wait_for=step_metrics):
+          sampler.write(writer, workdir, step, ema_params)
+      with timer.timing("checkpoint", wait_for=step_metrics if save_now else None):
+        checkpoint.save_checkpoint(manager, step, state, ema_params, config, data_iter,
+                                   force=stop or step == total)
       if stop:
         stopped_at = step
         break
       finished = step == total
   finally:  # also on an error: pending async saves commit, so the last good checkpoint is on disk
+    data_iter.close()
     checkpoint.close(manager)
     writer.close()
   if stopped_at is not None:  # the checkpoint is committed (close waited for it)

@@ -66,14 +66,6 @@ class StepModeTest(absltest.TestCase):
                            delta=1e-9)
     self.assertIn("mode", self.proc.stdout)  # the readable table
 
-  def test_model_flops_formula(self):
-    config = _tiny_config()
-    self.assertEqual(benchmark.model_flops_per_step(config, 10.0), (4 + 3) * 10.0)
-    config.perflow.teacher_guidance = "guided"
-    self.assertEqual(benchmark.model_flops_per_step(config, 10.0), (2 * 4 + 3) * 10.0)
-    config.objective = "diffusion"
-    self.assertEqual(benchmark.model_flops_per_step(config, 10.0), 30.0)
-
 
 class MemoryAndSampleModeTest(absltest.TestCase):
 
@@ -98,6 +90,11 @@ class MemoryAndSampleModeTest(absltest.TestCase):
     # One compile (of the chunked step) for both: the attention it built, and its memory report.
     result = benchmark.run_memory_benchmark(config, self.mesh)
     self.assertEqual(result["attention"], "chunked")
+    # The default teacher placement ('gather_once'): gathered at the start of the step, so the teacher solve's
+    # loop runs without collectives (tests/parallel/test_parallel_teacher_sharding.py: 'fsdp' has them).
+    self.assertEqual(result["teacher_sharding"], "gather_once")
+    self.assertEqual(result["collectives"]["teacher_solve_loop"], {})
+    self.assertGreater(result["collectives"]["outside_loops"]["all-gather"], 0)
     memory = result["memory"]
     self.assertEqual(result["per_device_batch"], 1)
     self.assertEqual(result["mesh"], {"data": 1, "fsdp": 8})

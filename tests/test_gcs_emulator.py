@@ -266,6 +266,25 @@ class GcsEmulatorTest(absltest.TestCase):
     self.assertEqual(self.gcs.read_bytes("gs://bucket/child/ts/key"), b"tensorstore")
     self.assert_hermetic()
 
+  def test_persistent_compilation_cache_in_the_bucket(self):
+    # The trainer's config.compilation_cache_dir on gs://: the first process writes the compiled program into the
+    # bucket, the second (a restart) loads it instead of compiling.
+    code = """
+        import jax, jax.numpy as jnp
+        from perflow_jax import compile_cache
+        compile_cache.enable("gs://bucket/jit_cache", "/not/used")
+        x = jnp.arange(3.0)
+        before = compile_cache.cache_hits()
+        jax.jit(lambda x: jnp.cos(x) * 2.0 - 0.5).lower(x).compile()
+        print(compile_cache.cache_hits() - before)
+        """
+    self.assertEqual(self._child(code).stdout.strip(), "0")
+    written = self.gcs.list_objects("gs://bucket/jit_cache/")
+    self.assertNotEmpty([name for name in written if name.endswith("-cache")], written)
+    second = self._child(code)
+    self.assertEqual(second.stdout.strip(), "1", second.stderr[-3000:])
+    self.assert_hermetic()
+
   def test_guard_records_a_foreign_lookup_in_a_child(self):
     # The audit hook logs before the lookup runs, so this needs no network; the lookup runs in a daemon thread that
     # is abandoned after a short wait, so an unreachable DNS server can't stall the test.

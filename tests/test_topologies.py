@@ -69,7 +69,7 @@ class TopologyPresetTest(parameterized.TestCase):
     preset = topologies.find_topology(module.TOPOLOGIES, name)
     config = module.get_config(name)
     self.assertEqual(config.to_dict(), module.get_config(f"topology={name}").to_dict())
-    recipe = module.get_config()  # a preset changes the mesh, batch and accumulation, nothing else
+    recipe = module.get_config()  # a preset changes the mesh, batch, accumulation and teacher, nothing else
     topologies.apply_topology(recipe, module.TOPOLOGIES, name)
     self.assertEqual(config.to_dict(), recipe.to_dict())
     config.model.pretrained = "/path/to/teacher"  # validation needs a teacher source; nothing is read
@@ -79,6 +79,7 @@ class TopologyPresetTest(parameterized.TestCase):
     self.assertEqual((mesh.data, mesh.fsdp, mesh.dcn_data), (preset.data, preset.fsdp, preset.dcn_data))
     self.assertEqual(mesh.data * mesh.fsdp, preset.devices)
     self.assertEqual((batch, accum), (preset.global_batch, preset.grad_accum_steps))
+    self.assertEqual(config.sharding.teacher, preset.teacher_sharding)
     self.assertEqual(batch % (preset.devices * accum), 0)
     self.assertEqual(preset.per_device_batch * preset.devices * accum, batch)
     if preset.measured_gib is not None:  # the measured step leaves at least 10% of the device's memory free

@@ -8,9 +8,14 @@ import tempfile
 import time
 
 from absl.testing import absltest
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from perflow_jax import metrics
+from perflow_jax import throughput
 from perflow_jax import trainer
+from perflow_jax.weights import pretrained
 from trainer_testutil import losses
 from trainer_testutil import tiny_config
 
@@ -40,6 +45,28 @@ class TrainerTest(absltest.TestCase):
       self.assertTrue(os.path.exists(os.path.join(self.base_dir, name)), name)
     self.assertEqual(sorted(self.base_losses), list(range(1, STEPS + 1)))
     self.assertEqual(committed_steps(self.base_dir), [8, 12])  # keep_checkpoints=2
+
+  def test_logs_model_flops_and_the_split_of_wall_time(self):
+    records = metrics.read_metrics(self.base_dir)
+    config = tiny_config(STEPS, 8, 1)
+    unet = pretrained.build_module("unet", dict(config.model.unet), dtype=jnp.float32)
+    params = jax.eval_shape(lambda k: unet.init(k, *unet.dummy_inputs(1))["params"], jax.random.key(0))
+    # Batch 8 of 16 px images -> 8x8x4 latents (the tiny VAE halves the side); cfg_sync teacher with 4 solver
+    # steps + the student's forward and backward: 7 forwards per step.
+    forward = throughput.unet_forward_flops(unet, params, jax.ShapeDtypeStruct((8, 8, 8, 4), jnp.float32),
+                                            jax.ShapeDtypeStruct((8, 77, unet.config.cross_attention_dim),
+                                                                 jnp.float32))
+    for r in records:
+      np.testing.assert_allclose(r["perf/tflops_per_device"] * 1e12 * r["perf/step_s"] * 8, 7 * forward,
+                                 rtol=1e-6)
+      self.assertNotIn("perf/mfu", r)  # no bf16 peak for a CPU
+      self.assertEqual(r["time/compile_s"], self.base["compile_s"])
+    totals = [[r[f"time/{k}_s"] for r in records] for k in ("step", "data_wait", "checkpoint", "sample")]
+    for series in totals:
+      self.assertEqual(series, sorted(series))  # cumulative
+    self.assertGreater(totals[0][-1], 0.0)
+    self.assertGreater(totals[2][-1], 0.0)  # the saves at steps 4 and 8
+    self.assertEqual(totals[3][-1], 0.0)  # no periodic samples
 
   def test_loss_goes_down(self):
     first = np.mean([self.base_losses[s] for s in (1, 2, 3)])

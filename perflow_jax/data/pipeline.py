@@ -16,6 +16,9 @@ batches are the same), so the iterator is saved in orbax checkpoints with
 
 from __future__ import annotations
 
+import queue
+import threading
+import weakref
 from typing import Any, Iterator
 
 from absl import flags
@@ -49,6 +52,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.num_epochs = -1  # -1: repeat forever
   c.worker_count = 0  # grain worker processes (0: decode in the main process)
   c.worker_buffer_size = 2  # batches each worker prefetches
+  c.prefetch = 2  # global batches read and sent to the devices ahead of the step (0: read when the step asks)
   c.procedural_size = 1024  # number of examples of the 'procedural' source
   c.procedural_seed = 0
   return c
@@ -67,6 +71,8 @@ def check_data_config(config_data: Any) -> None:
     raise ValueError(f"config.data.resolution must be >= 8, got {config_data.resolution}")
   if not 0 <= config_data.shuffle_seed < 2**32:
     raise ValueError(f"config.data.shuffle_seed must be in [0, 2**32), got {config_data.shuffle_seed}")
+  if config_data.prefetch < 0:
+    raise ValueError(f"config.data.prefetch={config_data.prefetch} must be >= 0 (batches read ahead; 0 = none)")
 
 
 def make_operations(config_data: Any, tokenizer: Any, host_batch_size: int, tokenizer_2: Any = None) -> list[Any]:
@@ -143,31 +149,115 @@ def to_global_batch(host_batch: dict[str, np.ndarray], sharding: NamedSharding,
 class GlobalBatchIterator:
   """Iterates global batches (dicts of jax.Array); its state is the grain iterator's (bytes, JSON).
 
-  Nothing is read ahead of the batch handed out, so ``get_state()`` is always the position after the last batch
-  returned, and ``set_state`` followed by ``next`` reproduces the batches that followed the saved state.
+  With ``prefetch`` > 0 a background thread keeps that many batches read and already transferred to the devices,
+  so the next batch is on its way while the step runs. ``get_state()`` is always the position after the last batch
+  *handed out* (each prefetched batch carries the state after it), so a checkpoint never skips the batches read
+  ahead, and ``set_state`` followed by ``next`` reproduces the batches that followed the saved state. An error in
+  the pipeline (a corrupt file, an exhausted dataset) surfaces from ``next`` as the pipeline raised it.
   """
 
-  def __init__(self, loader: grain.DataLoader, sharding: NamedSharding, process_count: int):
+  def __init__(self, loader: grain.DataLoader, sharding: NamedSharding, process_count: int, prefetch: int = 0):
+    if prefetch < 0:
+      raise ValueError(f"prefetch={prefetch}: the number of batches read ahead is >= 0.")
     self._loader = loader
     self._iterator = iter(loader)
     self._sharding = sharding
     self._process_count = process_count
+    self._prefetch = int(prefetch)
+    self._reader: _BatchReader | None = None
+    self._state: bytes | None = None  # after the last batch handed out, while a reader runs
 
   def __iter__(self) -> Iterator[dict[str, jax.Array]]:
     return self
 
+  def _reader_function(self):
+    iterator, sharding, process_count = self._iterator, self._sharding, self._process_count  # not self: see below
+    return lambda: to_global_batch(next(iterator), sharding, process_count)
+
   def __next__(self) -> dict[str, jax.Array]:
-    return to_global_batch(next(self._iterator), self._sharding, self._process_count)
+    if not self._prefetch:
+      return self._reader_function()()
+    if self._reader is None:
+      self._state = self._iterator.get_state()
+      self._reader = _BatchReader(self._reader_function(), self._iterator.get_state, self._prefetch)
+      # The thread holds no reference to this object, so dropping the iterator stops its thread.
+      weakref.finalize(self, self._reader.stop_soon)
+    batch, self._state = self._reader.next()
+    return batch
 
   def get_state(self) -> bytes:
-    return self._iterator.get_state()
+    return self._iterator.get_state() if self._reader is None else self._state
 
   def set_state(self, state: bytes) -> None:
+    self.close()
     self._iterator.set_state(state)
+
+  def close(self) -> None:
+    """Stops the read-ahead thread and drops what it read; the next ``next`` starts from ``get_state()``."""
+    if self._reader is not None:
+      self._reader.stop()
+      self._reader = None
+      self._iterator.set_state(self._state)
 
   def start_prefetch(self) -> None:
     """Called by grain's orbax handler after a restore; starts the worker processes early."""
     self._iterator.start_prefetch()
+
+
+class _BatchReader:
+  """A daemon thread that calls ``read`` ahead into a bounded queue of (batch, state after it) pairs.
+
+  It references only the callables it was given (not the iterator that owns it), and stops when told or when
+  ``read`` raises; the exception is queued and re-raised by ``next``.
+  """
+
+  _POLL_S = 0.1
+
+  def __init__(self, read, get_state, size: int):
+    self._queue: queue.Queue = queue.Queue(maxsize=size)
+    self._stopped = threading.Event()
+    self._thread = threading.Thread(target=self._run, args=(read, get_state), name="perflow-batch-reader",
+                                    daemon=True)
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    while not self._stopped.is_set():
+      try:
+        self._queue.put(item, timeout=self._POLL_S)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _run(self, read, get_state) -> None:
+    while True:
+      try:
+        item = (read(), get_state(), None)
+      except BaseException as e:  # pylint: disable=broad-except  (StopIteration included: handed to the consumer)
+        self._put((None, None, e))
+        return
+      if not self._put(item):
+        return
+
+  def next(self) -> tuple[dict[str, jax.Array], bytes]:
+    batch, state, error = self._queue.get()
+    if error is not None:
+      self._queue.put((None, None, error))  # every later call raises it too, as a plain iterator would
+      raise error
+    return batch, state
+
+  def stop_soon(self) -> None:
+    """Tells the thread to stop without waiting for it (its last read finishes first)."""
+    self._stopped.set()
+
+  def stop(self) -> None:
+    self._stopped.set()
+    while self._thread.is_alive():
+      try:
+        self._queue.get(timeout=self._POLL_S)
+      except queue.Empty:
+        pass
+    self._thread.join()
 
 
 def check_batch_divides(batch_size: int, sharding: NamedSharding) -> None:
@@ -201,4 +291,4 @@ def make_train_iterator(config_data: Any, mesh: Mesh, tokenizer: Any, seed: int 
   check_batch_divides(batch_size, sharding)
   loader = make_host_loader(config_data, tokenizer, batch_size=batch_size, process_index=jax.process_index(),
                             process_count=jax.process_count(), seed=seed, tokenizer_2=tokenizer_2)
-  return GlobalBatchIterator(loader, sharding, jax.process_count())
+  return GlobalBatchIterator(loader, sharding, jax.process_count(), prefetch=int(config_data.prefetch))

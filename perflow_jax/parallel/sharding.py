@@ -40,6 +40,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 Rules = Sequence[tuple[str, Any]]
 
+# config.sharding.teacher: where the frozen teacher lives (see `teacher_placement`).
+TEACHER_SHARDINGS = ("fsdp", "gather_once", "replicated")
+
 
 def normalize_rules(rules: Iterable[Sequence[Any]]) -> tuple[tuple[str, tuple[str, ...]], ...]:
   """Rules as (logical name, tuple of mesh axes); accepts the lists a JSON round trip makes and None / 'axis'."""
@@ -199,6 +202,22 @@ def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
   """A fully replicated sharding on ``mesh`` (scalars, RNG keys)."""
   return NamedSharding(mesh, P())
+
+
+def teacher_placement(mode: str, param_shardings: Any, mesh: Mesh) -> tuple[Any, NamedSharding | None]:
+  """config.sharding.teacher -> (the teacher's stored shardings, the sharding the step constrains it to or None).
+
+  'fsdp': stored and used like the student's parameters; the partitioner gathers what each UNet call needs, which
+    may land inside the teacher solve's loop (S times per step). 'gather_once': stored like the student, replicated
+    by one all-gather at the start of the step. 'replicated': stored whole on every device.
+  """
+  if mode == "fsdp":
+    return param_shardings, None
+  if mode == "gather_once":
+    return param_shardings, replicated(mesh)
+  if mode == "replicated":
+    return jax.tree.map(lambda _: replicated(mesh), param_shardings), None
+  raise ValueError(f"config.sharding.teacher={mode!r} is not one of {TEACHER_SHARDINGS}.")
 
 
 def init_sharded(init_fn: Callable[..., Any], shardings: Any, *args: Any, **kwargs: Any) -> Any:

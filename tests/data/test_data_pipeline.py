@@ -122,6 +122,53 @@ class PipelineTest(absltest.TestCase):
       for key in want:
         np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
 
+  def test_prefetch_hands_out_the_same_batches_and_saves_the_handed_out_position(self):
+    config = self._indexed_config(num_epochs=1, shuffle=True, shuffle_seed=4)
+    plain = pipeline.make_train_iterator(_config(**{**config, "prefetch": 0}), self.mesh, self.tok)
+    ahead = pipeline.make_train_iterator(_config(**{**config, "prefetch": 3}), self.mesh, self.tok)
+    order = [_indices(next(plain)["images"]) for _ in range(2)]
+    self.assertEqual([_indices(next(ahead)["images"]) for _ in range(2)], order)
+    # Three more batches are read ahead by now; the state is still the position after the second.
+    self.assertEqual(ahead.get_state(), plain.get_state())
+    rest = [_indices(b["images"]) for b in plain]  # 48 examples / batch 8 = 6 batches in the one epoch
+    self.assertLen(rest, 4)
+    state = ahead.get_state()
+    self.assertEqual(_indices(next(ahead)["images"]), rest[0])
+    ahead.set_state(state)  # stops the reader, drops what it read
+    self.assertEqual([_indices(b["images"]) for b in ahead], rest)  # ... then StopIteration at the epoch's end
+    with self.assertRaises(StopIteration):
+      next(ahead)
+    # close() rewinds to the handed-out position: nothing read ahead is lost.
+    again = pipeline.make_train_iterator(_config(**{**config, "prefetch": 2}), self.mesh, self.tok)
+    next(again)
+    again.close()
+    self.assertEqual([_indices(b["images"]) for b in again], [order[1]] + rest)
+    with self.assertRaisesRegex(ValueError, "config.data.prefetch=-1"):
+      pipeline.make_train_iterator(_config(prefetch=-1), self.mesh, self.tok)
+
+  def test_prefetch_raises_the_pipelines_error_at_the_batch_it_belongs_to(self):
+
+    class Damaged:
+      """Six good examples, then one whose decoding fails."""
+
+      def __len__(self):
+        return 16
+
+      def __getitem__(self, index):
+        if index == 6:
+          raise ValueError("record 6 is damaged")
+        return {"image": writer.encode_png(np.full((16, 16, 3), 5 * index, np.uint8)), "text": "x"}
+
+    config = _config(source="tfds", resolution=16, shuffle=False)
+    loader = pipeline.make_host_loader(config, self.tok, batch_size=4, process_index=0, process_count=1,
+                                       source=Damaged())
+    it = pipeline.GlobalBatchIterator(loader, jax.sharding.NamedSharding(self.mesh, PartitionSpec("data")), 1,
+                                      prefetch=2)
+    self.assertEqual(_indices(next(it)["images"]), [0, 1, 2, 3])  # the good batch comes first ...
+    for _ in range(2):  # ... then the error, every time it is asked again
+      with self.assertRaisesRegex(ValueError, "record 6 is damaged"):
+        next(it)
+
   def test_global_batch_structure_and_sharding(self):
     config = _config(resolution=32, batch_size=16, shuffle=False, procedural_size=40, procedural_seed=3)
     batch = next(pipeline.make_train_iterator(config, self.mesh, self.tok))
