@@ -22,6 +22,8 @@ from configs import common
 # --config=configs/sd15.py --num_devices=FSDP --per_device_batch=B --config.mesh.data=1 --config.mesh.fsdp=FSDP`
 # (+ --config.optim.grad_accum_steps=A where A > 1; B = global / devices, including the accumulation) on
 # simulated CPU devices: per-device memory depends on fsdp and the microbatch, not on data (perflow_jax.topologies).
+# Every preset keeps the default teacher placement, sharding.teacher='gather_once' (launch/README.md, "Sizing the
+# mesh", point 6), and was measured with it (with 'fsdp' before: v5p-128 45.63, v5e-256 13.95, gpu-4x8 50.48).
 # fsdp is the smallest that fits (launch/README.md, "Sizing the mesh") and maps onto whole torus axes: on v5p
 # (4x4x4 chips in a v5p-128) jax.make_mesh does not split a physical axis, so fsdp is 4, 16 or 64 there.
 # Several slices: 'NxNAME' (perflow_jax.topologies), e.g. 2xv5p-128 = 128 chips, data 32 over dcn_data=2 slices,
@@ -32,14 +34,14 @@ TOPOLOGIES = {
                                measured_gib=45.63),
     # 256 chips x 16 GiB, 4 examples per chip: --num_devices=16 --per_device_batch=4 --config.mesh.fsdp=16. The
     # benchmark's step reads latents; from images the frozen VAE encoder also runs in the step. Two microbatches
-    # of 2 (--config.optim.grad_accum_steps=2) measured 14.35 GiB: the accumulation loop costs more than it saves.
+    # of 2 (--config.optim.grad_accum_steps=2) measured 14.35 GiB (teacher 'fsdp'): the accumulation loop costs more.
     "v5e-256": common.Topology(devices=256, device_memory_gib=16, data=16, fsdp=16, global_batch=1024,
-                               measured_gib=13.95),
+                               measured_gib=13.87),
     # SLURM, 4 nodes x 8 H100 (80 GiB): FSDP inside a node, data across nodes. JAX gives each GPU host its own
     # slice_index, so the 4 nodes are 4 slices (dcn_data=4). 32 per GPU as 2 microbatches of 16: --num_devices=8
     # --per_device_batch=32 --config.mesh.fsdp=8 --config.optim.grad_accum_steps=2.
     "gpu-4x8": common.Topology(devices=32, device_memory_gib=80, data=4, fsdp=8, dcn_data=4, global_batch=1024,
-                               grad_accum_steps=2, measured_gib=50.48),
+                               grad_accum_steps=2, measured_gib=50.74),
 }
 
 VALIDATION_PROMPTS = (

@@ -36,15 +36,16 @@ RESOLUTION = 1024
 # SDXL's UNet has 2.6B parameters (3x SD1.5's; student, EMA, AdamW and a bf16 teacher: ~43 GiB of state). fsdp 8
 # (launch/README.md, "Sizing the mesh": the smallest that fits, 8 or 16) is one torus axis of the 4x4x8 v5p-256
 # (jax.make_mesh does not split v5p axes) and holds ~5.4 GiB of sharded state per chip; data 16 is the 4x4 plane.
-# Global batch 256 (the config's; the reference's is not stated), 2 per chip. Memory: 48.24 GiB/device measured
-# (XLA:CPU buffer assignment; launch/README.md, "Sizing the mesh"), 5.39 of it sharded state, ~47 GiB under v5p's
+# Global batch 256 (the config's; the reference's is not stated), 2 per chip. Memory: 47.87 GiB/device measured
+# with the default teacher placement 'gather_once' (48.24 with 'fsdp'; XLA:CPU buffer assignment;
+# launch/README.md, "Sizing the mesh"), 5.39 of it sharded state, ~47 GiB under v5p's
 # 95: XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true" python -m
 # perflow_jax.benchmark --mode=memory --config=configs/sdxl.py:v5p-256 --num_devices=8 --per_device_batch=2
 # --config.mesh.data=1 --config.mesh.fsdp=8 (the flags only cheapen LLVM codegen; same bytes without them).
-# XLA:CPU's memory-optimized scheduler brings it to 26.49 GiB: ~22 GiB of it is the CPU schedule.
+# XLA:CPU's memory-optimized scheduler brought the 'fsdp' step to 26.49 GiB: ~22 GiB of it is the CPU schedule.
 TOPOLOGIES = {
     "v5p-256": common.Topology(devices=128, device_memory_gib=95, data=16, fsdp=8, global_batch=256,
-                               measured_gib=48.24),
+                               measured_gib=47.87),
 }
 
 
